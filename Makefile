@@ -1,0 +1,119 @@
+# llm_scratch: `make book` renders the book, `make test` runs every check. Both set themselves up.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch; override for a GPU build, e.g. `make TORCH='torch==2.13.0' book`
+TORCH  ?= torch==2.13.0
+# Offline data: a mirror folder of the canonical files; ../shared/data is used when it is there.
+ifeq ($(origin LLM_SCRATCH_DATA), undefined)
+  ifneq ($(wildcard ../shared/data/README.md),)
+    export LLM_SCRATCH_DATA := $(abspath ../shared/data)
+  endif
+endif
+# glibc's allocator re-maps big tensors every step on this VM (2-3x slower); see ../shared/TOOLCHAIN.md
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
+export PYTHONHASHSEED ?= 0
+export MPLBACKEND ?= Agg
+
+JB_ARGS := --config _book/_config.yml --toc _book/_toc.yml
+TEX_DEBS := texlive-latex-recommended texlive-fonts-recommended texlive-latex-extra texlive-xetex \
+            fonts-freefont-otf latexmk poppler-utils
+VENDOR := _book/_static/vendor
+
+.PHONY: help setup export book html pdf test check-export check-clean nbtest pytest book-check tex vendor clean
+
+help:
+	@echo "make book   render the HTML site and the PDF book into _book/_build"
+	@echo "make test   run every check: export in sync, clean notebooks, notebooks, pytest, book -W"
+	@echo "make export write llm_scratch/ from the notebooks (after you edit one)"
+
+## --- set-up -----------------------------------------------------------------------------------
+# the stamp changes whenever the declared requirements change
+STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py | cksum | cut -d' ' -f1)
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@rm -f $(VENV)/.installed-*; touch $@
+setup: $(STAMP)
+
+$(VENDOR)/.stamp: _book/package.json
+	cd _book && npm install --no-audit --no-fund --loglevel=error
+	rm -rf $(VENDOR) && mkdir -p $(VENDOR)/mathjax $(VENDOR)/html-manager
+	cp -r _book/node_modules/mathjax/es5/. $(VENDOR)/mathjax/
+	cp _book/node_modules/requirejs/require.js $(VENDOR)/require.js
+	cp -r _book/node_modules/@jupyter-widgets/html-manager/dist/. $(VENDOR)/html-manager/
+	find $(VENDOR) -name '*.map' -delete
+	touch $@
+vendor: $(VENDOR)/.stamp
+
+tex:
+	@if command -v xelatex >/dev/null && command -v latexmk >/dev/null && command -v pdftoppm >/dev/null \
+	    && kpsewhich fncychap.sty >/dev/null && fc-list | grep -qi freeserif; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the TeX packages for the PDF (a few minutes, once)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_DEBS) >/dev/null; \
+	else \
+	  echo "The PDF needs XeLaTeX. Install these Debian/Ubuntu packages, then run make book again:"; \
+	  echo "  sudo apt-get install $(TEX_DEBS)"; exit 1; \
+	fi
+
+## --- the package and the book -------------------------------------------------------------------
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+html: export vendor
+	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html
+	@echo "HTML book: $(CURDIR)/_book/_build/html/index.html"
+
+pdf: export vendor tex
+	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder pdflatex
+	@echo "PDF book:  $(CURDIR)/_book/_build/latex/book.pdf"
+
+book: html pdf
+	@echo "Done. Open _book/_build/html/index.html, or the PDF at _book/_build/latex/book.pdf"
+
+## --- the checks -------------------------------------------------------------------------------
+# 1. the package is what the notebooks export (nothing changes when we export again)
+check-export: $(STAMP)
+	@before=$$(find llm_scratch -name '*.py' -not -path '*/__pycache__/*' | sort | xargs cat | cksum); \
+	$(BIN)/nbdev_export; \
+	after=$$(find llm_scratch -name '*.py' -not -path '*/__pycache__/*' | sort | xargs cat | cksum); \
+	if [ "$$before" != "$$after" ] || [ -n "$$(git status --porcelain llm_scratch/ 2>/dev/null)" ]; then \
+	  git status --short llm_scratch/; \
+	  echo "FAIL: llm_scratch/ does not match the notebooks. Run 'make export' and commit llm_scratch/."; exit 1; fi
+	@echo "ok: llm_scratch/ matches the notebooks"
+
+# 2. the notebooks are stored clean (nbdev_clean would change nothing)
+check-clean: $(STAMP)
+	@tmp=$$(mktemp -d); cp nbs/*.ipynb $$tmp/; \
+	$(BIN)/nbdev_clean --fname $$tmp >/dev/null; \
+	if ! diff -rq nbs $$tmp --exclude='*.md' --exclude='*.py' >/dev/null; then \
+	  diff -rq nbs $$tmp | grep -v 'Only in' || true; rm -rf $$tmp; \
+	  echo "FAIL: notebooks are not clean. Run '$(BIN)/nbdev_clean' and commit nbs/."; exit 1; fi; \
+	rm -rf $$tmp; echo "ok: notebooks are clean"
+
+# 3. every notebook runs top to bottom
+nbtest: export
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+# 4. the tests that notebooks cannot do well
+pytest: export
+	$(BIN)/python -m pytest tests -q -rs
+
+# 5. a clean HTML build, every page re-read, Sphinx warnings as errors
+book-check: export vendor
+	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html --all -W -n --keep-going
+
+test: check-export check-clean nbtest pytest book-check
+	@echo "make test: all checks passed"
+
+clean:
+	rm -rf _book/_build _proc _docs

@@ -1,0 +1,75 @@
+"""Sphinx extension: read nbdev's `#|` cell directives the way a reader should see the notebook.
+
+nbdev marks cells with comment lines such as `#| export` or `#| hide`. They mean something to
+nbdev, nothing to a reader, so this strips them from the rendered code and maps the ones that
+change what is shown to jupyter-book cell tags:
+
+- `#| hide`, `#| default_exp …`  -> `remove-cell`   (runs, but is not shown)
+- `#| echo: false`               -> `remove-input`  (only the output is shown)
+- `#| output: false`             -> `remove-output`
+- `#| eval: false`               -> `skip-execution` (the stored outputs, if any, are shown)
+"""
+import json
+import re
+
+from docutils import nodes
+from sphinx.transforms import SphinxTransform
+
+_DIRECTIVE = re.compile(r"^\s*#\|\s*(?P<name>[\w-]+)\s*:?\s*(?P<value>.*?)\s*$")
+_TAGS = {"hide": "remove-cell", "default_exp": "remove-cell", "echo": "remove-input",
+         "output": "remove-output", "eval": "skip-execution"}
+
+
+def directives(source):
+    "Split a cell's source into its nbdev directives {name: value} and the remaining lines."
+    found, rest = {}, []
+    for line in source.splitlines(keepends=True):
+        m = _DIRECTIVE.match(line)
+        if m: found[m["name"]] = m["value"]
+        else: rest.append(line)
+    return found, "".join(rest)
+
+
+def tags_for(found):
+    "The jupyter-book tags implied by a cell's nbdev directives."
+    tags = []
+    for name, value in found.items():
+        if name not in _TAGS: continue
+        if name in ("echo", "output", "eval") and value.lower() not in ("false", "0", "no"): continue
+        tags.append(_TAGS[name])
+    return tags
+
+
+def strip_notebook(text):
+    "Rewrite one notebook's JSON: directives removed from code cells, tags added."
+    nb = json.loads(text)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code": continue
+        src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        found, rest = directives(src)
+        if not found: continue
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if not rest.strip(): tags.append("remove-cell")
+        for t in tags_for(found):
+            if t not in tags: tags.append(t)
+        cell["source"] = rest.lstrip("\n")
+    return json.dumps(nb)
+
+
+def _source_read(app, docname, source):
+    if app.env.doc2path(docname).endswith(".ipynb"): source[0] = strip_notebook(source[0])
+
+
+class DropNestedTransitions(SphinxTransform):
+    "nbdev's `show_doc` output opens with a `---` rule; inside a cell output docutils rejects it."
+    default_priority = 800  # before docutils' Transitions check (830)
+
+    def apply(self, **kwargs):
+        for node in list(self.document.findall(nodes.transition)):
+            if not isinstance(node.parent, (nodes.document, nodes.section)): node.parent.remove(node)
+
+
+def setup(app):
+    app.connect("source-read", _source_read)
+    app.add_transform(DropNestedTransitions)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
