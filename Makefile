@@ -25,11 +25,12 @@ TEX_DEBS := texlive-latex-recommended texlive-fonts-recommended texlive-latex-ex
             fonts-freefont-otf latexmk poppler-utils
 VENDOR := _book/_static/vendor
 
-.PHONY: help setup export book html pdf test check-export check-clean nbtest pytest book-check tex vendor clean
+BROWSER_DEBS := chromium
+.PHONY: help setup export book html pdf test check-export check-clean nbtest pytest book-check book-tests tex browser vendor clean
 
 help:
 	@echo "make book   render the HTML site and the PDF book into _book/_build"
-	@echo "make test   run every check: export in sync, clean notebooks, notebooks, pytest, book -W"
+	@echo "make test   run every check: export in sync, clean notebooks, notebooks, pytest, book -W, browser + PDF"
 	@echo "make export write llm_scratch/ from the notebooks (after you edit one)"
 
 ## --- set-up -----------------------------------------------------------------------------------
@@ -63,6 +64,15 @@ tex:
 	else \
 	  echo "The PDF needs XeLaTeX. Install these Debian/Ubuntu packages, then run make book again:"; \
 	  echo "  sudo apt-get install $(TEX_DEBS)"; exit 1; \
+	fi
+
+browser:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Chromium for the browser tests (once)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_DEBS) >/dev/null; \
+	else \
+	  echo "The browser tests need Chromium:  sudo apt-get install $(BROWSER_DEBS)"; exit 1; \
 	fi
 
 ## --- the package and the book -------------------------------------------------------------------
@@ -106,13 +116,17 @@ nbtest: export
 
 # 4. the tests that notebooks cannot do well
 pytest: export
-	$(BIN)/python -m pytest tests -q -rs
+	$(BIN)/python -m pytest tests -q -rs -m "not book"
 
 # 5. a clean HTML build, every page re-read, Sphinx warnings as errors
 book-check: export vendor
 	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html --all -W -n --keep-going
 
-test: check-export check-clean nbtest pytest book-check
+# 6. the book as a reader sees it: every page in headless Chromium, and the PDF
+book-tests: book-check pdf browser
+	$(BIN)/python -m pytest tests -q -rs -m book
+
+test: check-export check-clean nbtest pytest book-check book-tests
 	@echo "make test: all checks passed"
 
 clean:

@@ -14,13 +14,16 @@ from llm_scratch import data
 from llm_scratch.data import DATASETS, ChecksumError, FetchError, RemoteFile, fetch, sha256sum
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+
 @pytest.fixture
 def server(tmp_path):
     "Serve tmp_path/www on 127.0.0.1 for the test; yields (folder, base_url)."
     www = tmp_path / "www"
     www.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a, **k: None
+    handler = partial(QuietHandler, directory=str(www))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()

@@ -8,6 +8,8 @@ change what is shown to jupyter-book cell tags:
 - `#| echo: false`               -> `remove-input`  (only the output is shown)
 - `#| output: false`             -> `remove-output`
 - `#| eval: false`               -> `skip-execution` (the stored outputs, if any, are shown)
+
+It also drops sphinx-thebe's scripts from the HTML pages: the book is read offline, with no kernel.
 """
 import json
 import re
@@ -69,7 +71,18 @@ class DropNestedTransitions(SphinxTransform):
             if not isinstance(node.parent, (nodes.document, nodes.section)): node.parent.remove(node)
 
 
+def _drop_thebe(app, pagename, templatename, context, doctree):
+    "The book runs offline: drop sphinx-thebe (a live-kernel button from a CDN, declared twice)."
+    for key in ("script_files", "css_files"):
+        files = context.get(key)
+        if files is None: continue
+        keep = [f for f in files if "thebe" not in str(f).lower()
+                and "thebe" not in str(getattr(f, "attributes", {}).get("body", "")).lower()]
+        files[:] = keep
+
+
 def setup(app):
     app.connect("source-read", _source_read)
+    app.connect("html-page-context", _drop_thebe)
     app.add_transform(DropNestedTransitions)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,130 @@
+"""The built book as a reader meets it: pages in a real browser, and the PDF.
+
+These tests read `_book/_build` and run after the book is built (`make test` builds it first);
+they are marked `book` so that the plain `pytest` step can leave them out.
+"""
+import functools
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HTML = REPO / "_book" / "_build" / "html"
+PDF = REPO / "_book" / "_build" / "latex" / "book.pdf"
+ARTIFACTS = REPO / "_book" / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+pytestmark = pytest.mark.book
+
+
+def chapters():
+    "The toc's files, in book order: root first."
+    toc = yaml.safe_load((REPO / "_book" / "_toc.yml").read_text())
+    return [toc["root"]] + [c["file"] for c in toc.get("chapters", [])]
+
+
+def chapter_titles():
+    "Each chapter notebook's `# Title` line."
+    import json
+    out = []
+    for f in chapters()[1:]:
+        nb = json.loads((REPO / f"{f}.ipynb").read_text())
+        first = "".join(nb["cells"][0]["source"])
+        out.append(re.match(r"#\s+(.+)", first).group(1).strip())
+    return out
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+
+@pytest.fixture(scope="module")
+def site():
+    "Serve the built HTML book on 127.0.0.1; yields its base URL."
+    if not (HTML / "index.html").is_file():
+        pytest.fail("no built book: run `make html` (or `make test`, which builds it) first")
+    handler = functools.partial(QuietHandler, directory=str(HTML))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's `chromium` (make test does, as root)")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+            "--no-first-run", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    "Open `url`; return (page, console errors, requests that left localhost)."
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, outside = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: outside.append(r.url)
+            if not re.match(r"^(https?://127\.0\.0\.1[:/]|data:|blob:|about:)", r.url) else None)
+    page.goto(url, wait_until="networkidle")
+    return page, errors, outside
+
+
+@pytest.mark.parametrize("doc", chapters())
+def test_chapter_page_loads_offline_and_clean(browser, site, doc):
+    page, errors, outside = open_page(browser, f"{site}/{doc}.html")
+    assert errors == [], f"console errors on {doc}: {errors}"
+    assert outside == [], f"{doc} asked for resources outside the site: {outside}"
+    code = page.locator("div.cell_input pre").all_inner_texts()
+    assert code, f"{doc} shows no code cells"
+    assert not [c for c in code if re.search(r"^\s*#\|", c, re.M)], f"{doc} shows nbdev directives"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{Path(doc).name}.png"), full_page=False)
+    page.close()
+
+
+def test_math_is_typeset(browser, site):
+    page, errors, _ = open_page(browser, f"{site}/{chapters()[0]}.html")
+    page.wait_for_selector("mjx-container", timeout=15_000)
+    assert page.locator("mjx-container").count() >= 3
+    assert errors == []
+    page.close()
+
+
+def test_pdf_has_title_toc_and_every_chapter():
+    pypdf = pytest.importorskip("pypdf")
+    if not PDF.is_file():
+        pytest.fail("no PDF: run `make pdf` (or `make test`) first")
+    reader = pypdf.PdfReader(str(PDF))
+    assert len(reader.pages) >= 10 * (len(chapters()) - 1)
+    first = reader.pages[0].extract_text()
+    assert "Large Language Model" in first
+    outline = []
+
+    def walk(items):
+        for it in items:
+            if isinstance(it, list): walk(it)
+            else: outline.append(it.title)
+    walk(reader.outline)
+    titles = [re.sub(r"\s+", " ", t) for t in outline]
+    for t in chapter_titles():
+        assert any(t.lower() in o.lower() for o in titles), f"chapter {t!r} not in the PDF outline {titles}"
+    # two pages rendered as images, for people to look at
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for n in (1, min(len(reader.pages), 12)):
+        subprocess.run(["pdftoppm", "-png", "-r", "60", "-f", str(n), "-l", str(n), "-singlefile",
+                        str(PDF), str(ARTIFACTS / f"pdf-page-{n}")], check=True)
+        assert (ARTIFACTS / f"pdf-page-{n}.png").stat().st_size > 5_000
