@@ -9,7 +9,7 @@ change what is shown to jupyter-book cell tags:
 - `#| output: false`             -> `remove-output`
 - `#| eval: false`               -> `skip-execution` (the stored outputs, if any, are shown)
 
-It also drops sphinx-thebe's scripts from the HTML pages: the book is read offline, with no kernel.
+Each executed page says, under its title, how long its code took to run. It also drops sphinx-thebe's scripts from the HTML pages: the book is read offline, with no kernel.
 """
 import json
 import re
@@ -81,7 +81,35 @@ def _drop_thebe(app, pagename, templatename, context, doctree):
         files[:] = keep
 
 
+def _machine():
+    "A short description of the machine the book was built on."
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    try: torch = f", PyTorch {version('torch')}"
+    except PackageNotFoundError: torch = ""
+    return f"{os.cpu_count()} CPU cores, {platform.machine()}{torch}"
+
+
+def _add_run_time(app, doctree):
+    "Say under each executed notebook page's title how long its code took to run."
+    try: from myst_nb.sphinx_ import NbMetadataCollector
+    except ImportError: return
+    data = NbMetadataCollector.get_exec_data(app.env, app.env.docname)
+    if not data or data.get("runtime") is None: return
+    sections = list(doctree.findall(nodes.section))
+    if not sections: return
+    top = sections[0]
+    para = nodes.paragraph(classes=["exec-time"])
+    para += nodes.emphasis(text=f"All the code on this page ran in {data['runtime']:.1f} s when the "
+                                f"book was built ({_machine()}).")
+    # after the title and the one-line summary that opens every chapter
+    at = 1 + sum(1 for c in top.children[1:2] if isinstance(c, nodes.block_quote))
+    top.insert(at, para)
+
+
 def setup(app):
+    app.connect("doctree-read", _add_run_time)
     app.connect("source-read", _source_read)
     app.connect("html-page-context", _drop_thebe)
     app.add_transform(DropNestedTransitions)
