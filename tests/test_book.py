@@ -91,6 +91,7 @@ def test_chapter_page_loads_offline_and_clean(browser, site, doc):
     code = page.locator("div.cell_input pre").all_inner_texts()
     assert code, f"{doc} shows no code cells"
     assert not [c for c in code if re.search(r"^\s*#\|", c, re.M)], f"{doc} shows nbdev directives"
+    assert "{target=" not in page.locator("main").inner_text(), f"{doc} shows show_doc's raw link attributes"
     ran = page.locator("p.exec-time").all_inner_texts()
     assert len(ran) == 1 and re.search(r"ran in \d+\.\d s", ran[0]), f"{doc} does not say how long it ran: {ran}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

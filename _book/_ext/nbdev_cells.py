@@ -71,6 +71,23 @@ class DropNestedTransitions(SphinxTransform):
             if not isinstance(node.parent, (nodes.document, nodes.section)): node.parent.remove(node)
 
 
+class DropShowDocSourceLinks(SphinxTransform):
+    "`show_doc` adds a Quarto-style `[source](url){target=...}` link; plain Markdown shows it raw."
+    default_priority = 800
+    _attrs = re.compile(r"\{target=\W{0,2}_blank[^}]*\}")  # quotes may be typographic by now
+
+    def apply(self, **kwargs):
+        for ref in list(self.document.findall(nodes.reference)):
+            if ref.astext() == "source" and ref.parent is not None: ref.parent.remove(ref)
+        for text in list(self.document.findall(nodes.Text)):
+            if not self._attrs.search(text): continue
+            parent, rest = text.parent, self._attrs.sub("", text)
+            if rest.strip(): parent.replace(text, nodes.Text(rest))
+            else:
+                parent.remove(text)
+                if isinstance(parent, nodes.paragraph) and not parent.children: parent.parent.remove(parent)
+
+
 def _drop_thebe(app, pagename, templatename, context, doctree):
     "The book runs offline: drop sphinx-thebe (a live-kernel button from a CDN, declared twice)."
     for key in ("script_files", "css_files"):
@@ -113,4 +130,5 @@ def setup(app):
     app.connect("source-read", _source_read)
     app.connect("html-page-context", _drop_thebe)
     app.add_transform(DropNestedTransitions)
+    app.add_transform(DropShowDocSourceLinks)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
