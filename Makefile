@@ -110,9 +110,9 @@ check-clean: $(STAMP)
 	  echo "FAIL: notebooks are not clean. Run '$(BIN)/nbdev_clean' and commit nbs/."; exit 1; fi; \
 	rm -rf $$tmp; echo "ok: notebooks are clean"
 
-# 3. every notebook runs top to bottom
+# 3. every notebook runs top to bottom (one at a time: torch already uses every core)
 nbtest: export
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 1 --timing
 
 # 4. the tests that notebooks cannot do well
 pytest: export
