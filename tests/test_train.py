@@ -1,0 +1,172 @@
+"""The trainer in several processes (CPU, gloo): DDP through `accelerate launch`, FSDP2 through `torchrun`,
+gradient accumulation, exact resume after `kill -9`, and the command line's errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_scratch.train import free_port, load_trained, read_metrics
+from llm_scratch.weights import load_gpt2
+
+# the tiny preset with a short context: about 0.1-0.3 s a step on two shared cores
+BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "--lr", "1e-3", "--warmup", "5",
+        "--log-every", "1", "--eval-every", "10", "--eval-batches", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    "The environment of every run: one token cache for the module, CPU-only accelerate, the fast malloc."
+    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
+             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
+    e.pop("OMP_NUM_THREADS", None)  # accelerate gives each CPU process its share of the cores
+    return e
+
+
+def command(args, nproc=1, launcher="accelerate"):
+    "The command line that runs the trainer with `args` in `nproc` processes."
+    if nproc == 1: return [sys.executable, "-m", "llm_scratch.train", *args]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), "-m", "llm_scratch.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "llm_scratch.train", *args]
+
+
+def run(env, args, nproc=1, launcher="accelerate", check=True, timeout=300):
+    p = subprocess.run(command(args, nproc, launcher), env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def losses(out): return {r["step"]: r["loss"] for r in read_metrics(out)}
+
+
+def params(model): return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(env, tmp_path_factory):
+    "30 steps of DDP on 2 processes, with dropout, a checkpoint every 10 steps: the reference of the resume test."
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    t = time.perf_counter()
+    run(env, BASE + ["--max-steps", "30", "--batch-size", "2", "--save-every", "10", "--out", str(out)], nproc=2)
+    print(f"ddp run: {time.perf_counter() - t:.1f} s")
+    return out
+
+
+def test_ddp_two_processes_learn_and_stay_identical(ddp_run):
+    summary = json.loads((ddp_run / "run.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
+    loss = losses(ddp_run)
+    assert sorted(loss) == list(range(1, 31))
+    assert sum(loss[s] for s in range(26, 31)) / 5 < sum(loss[s] for s in range(1, 6)) / 5 - 0.5  # it learns
+    ranks = summary["ranks"]
+    assert len(ranks) == 2 and ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # identical parameters
+    assert ranks[0]["parameters"] == ranks[1]["parameters"] == summary["parameters"]  # each holds all of them
+    ckpts = sorted(p.name for p in (ddp_run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000020", "step_000030"]  # --keep 2
+    assert (ddp_run / "checkpoints" / "latest").read_text() == "step_000030"
+    rows = read_metrics(ddp_run)
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0]) and "val_loss" in rows[9]
+    assert (ddp_run / "loss.png").stat().st_size > 5000
+    final, ck = load_gpt2(ddp_run / "final"), load_trained(ddp_run)
+    assert torch.equal(params(final), params(ck))
+
+
+def test_sigkill_and_resume_give_the_same_losses_step_for_step(env, ddp_run, tmp_path):
+    out = tmp_path / "run"
+    args = BASE + ["--max-steps", "30", "--batch-size", "2", "--save-every", "10", "--out", str(out)]
+    p = subprocess.Popen(command(args, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group: the launcher and both workers
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 240
+
+    def logged():  # steps in metrics.jsonl so far
+        try: return len((out / "metrics.jsonl").read_text().splitlines())
+        except FileNotFoundError: return 0
+    # kill a few steps after the first checkpoint, so that the resume must also drop metric lines past it
+    while not (latest.is_file() and logged() >= 13) and p.poll() is None and time.time() < deadline: time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert latest.is_file(), p.stderr.read()[-3000:]
+    assert not (out / "run.json").exists(), "the run finished before it could be killed"
+    killed_at = max(losses(out))
+    print(f"killed after step {killed_at}, checkpoint {latest.read_text()}")
+    assert killed_at > int(latest.read_text()[5:])  # lines past the checkpoint, to be written again
+    run(env, args + ["--resume"], nproc=2)
+    resumed, straight = read_metrics(out), read_metrics(ddp_run)
+    assert [r["step"] for r in resumed] == list(range(1, 31))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # exact, dropout included
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in straight]
+    assert torch.equal(params(load_gpt2(out / "final")), params(load_gpt2(ddp_run / "final")))
+
+
+def test_fsdp_shards_and_matches_one_process(env, tmp_path):
+    common = BASE + ["--max-steps", "10", "--dropout", "0", "--save-every", "5"]
+    run(env, common + ["--batch-size", "2", "--strategy", "fsdp", "--out", str(tmp_path / "fsdp")], 2, "torchrun")
+    run(env, common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    summary = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    n = summary["parameters"]
+    for r in summary["ranks"]:  # each rank holds about half of the parameters, gradients and Adam moments
+        assert abs(r["parameters"] / n - 0.5) < 0.01
+        assert r["gradients"] == r["parameters"] and r["optimizer_state"] == 2 * r["parameters"]
+    assert sum(r["parameters"] for r in summary["ranks"]) == n
+    assert len(list((tmp_path / "fsdp" / "checkpoints" / "step_000010").glob("*.distcp"))) == 2  # one file a rank
+    # the same init and the same global batches: the gathered model equals the one-process model
+    a, b = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    fsdp, one = params(load_gpt2(tmp_path / "fsdp" / "final")), params(load_gpt2(tmp_path / "one" / "final"))
+    print(f"fsdp vs one process: loss {max(abs(a[s] - b[s]) for s in a):.1e}, params {(fsdp - one).abs().max():.1e}")
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
+    assert (fsdp - one).abs().max() < 1e-4
+    # the sharded training checkpoint loads into one process, without a process group
+    assert torch.equal(params(load_trained(tmp_path / "fsdp")), fsdp)
+
+
+def test_grad_accum_on_two_processes_equals_a_four_times_batch(env, tmp_path):
+    common = BASE + ["--max-steps", "3", "--dropout", "0", "--grad-clip", "0"]
+    run(env, common + ["--batch-size", "1", "--grad-accum", "2", "--out", str(tmp_path / "acc")], nproc=2)
+    run(env, common + ["--batch-size", "4", "--out", str(tmp_path / "big")])
+    a, b = losses(tmp_path / "acc"), losses(tmp_path / "big")
+    d = (params(load_gpt2(tmp_path / "acc" / "final")) - params(load_gpt2(tmp_path / "big" / "final"))).abs().max()
+    print(f"2 x accum 2 vs 4x batch: loss {max(abs(a[s] - b[s]) for s in a):.1e}, params {d:.1e}")
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5  # float32 sums in another order
+    assert d < 1e-5, d
+
+
+def test_command_line_errors_are_clear(env, tmp_path):
+    p = run(env, ["--help"])
+    for opt in ("--model", "--data", "--tokenizer", "--context-length", "--batch-size", "--grad-accum", "--lr",
+                "--warmup", "--max-steps", "--eval-every", "--save-every", "--log-every", "--out", "--resume",
+                "--precision", "--strategy", "--seed", "--compile", "--config", "MALLOC_MMAP_MAX_"):
+        assert opt in p.stdout, opt
+    p = run(env, ["--batch-size", "0"], check=False)
+    assert p.returncode == 2 and "batch_size must be at least 1" in p.stderr
+    p = run(env, ["--precision", "fp16"], check=False)
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = run(env, ["--data", "the-verdict", "--context-length", "512", "--batch-size", "64",
+                  "--out", str(tmp_path / "small")], check=False)
+    assert p.returncode == 2 and "corpus is too small" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "c.toml").write_text("max-steps = 2\nbatch-size = 2\ncontext-length = 32\ntokenizer = 'char'\n"
+                                     f"out = '{tmp_path / 'toml'}'\nprogress = false\nnot-an-option = 1\n")
+    p = run(env, ["--config", str(tmp_path / "c.toml")], check=False)
+    assert p.returncode == 2 and "unknown option(s) not_an_option" in p.stderr
+    (tmp_path / "c.toml").write_text((tmp_path / "c.toml").read_text().replace("not-an-option = 1\n", ""))
+    run(env, ["--config", str(tmp_path / "c.toml"), "--save-every", "1"])  # a char-level run from a TOML file
+    assert [r["step"] for r in read_metrics(tmp_path / "toml")] == [2]
+    p = run(env, ["--config", str(tmp_path / "c.toml")], check=False)
+    assert p.returncode == 2 and "already holds a run" in p.stderr
+
+
+def test_the_8_gpu_config_parses():
+    from llm_scratch.train import parse_args
+    repo = Path(__file__).resolve().parents[1]
+    cfg = parse_args(["--config", str(repo / "configs" / "gpt2-124m-8gpu.toml"), "--max-steps", "10"])
+    assert (cfg.model, cfg.context_length, cfg.precision, cfg.compile, cfg.max_steps) == ("gpt2-small", 1024, "bf16",
+                                                                                          True, 10)
+    assert cfg.batch_size * cfg.grad_accum * 8 * cfg.context_length == 491_520  # nanoGPT's tokens per step
