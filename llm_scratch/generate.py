@@ -32,7 +32,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     "Keep the smallest set of top tokens whose probabilities sum to at least `p`; set the rest to -inf."
     if not 0 < p <= 1: raise ValueError(f"top_p must be in (0, 1], got {p}")
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
     sorted_logits = sorted_logits.masked_fill(before >= p, float("-inf"))
