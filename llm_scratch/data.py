@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['DATASETS', 'RemoteFile', 'Dataset', 'cache_dir', 'mirror_dir', 'sha256sum', 'FetchError', 'ChecksumError', 'download',
-           'copy_from_mirror', 'fetch']
+           'copy_from_mirror', 'fetch_file', 'fetch']
 
 # %% ../nbs/00_data.ipynb #864b1b2c
 @dataclass(frozen=True)
@@ -155,14 +155,18 @@ def copy_from_mirror(rf: RemoteFile, mirror: Path, dest: Path) -> Path | None:
     return dest
 
 # %% ../nbs/00_data.ipynb #2a6a034a
+def fetch_file(rf: RemoteFile, progress: bool = True) -> Path:
+    "Path to `rf` in the cache: the cached copy if its checksum is right, else from the mirror, else downloaded."
+    dest = cache_dir() / rf.path
+    if dest.is_file() and sha256sum(dest) == rf.sha256: return dest
+    mirror = mirror_dir()
+    if mirror is not None and copy_from_mirror(rf, mirror, dest): return dest
+    return download(rf, dest, progress=progress)
+
 def fetch(name: str, progress: bool = True) -> Path:
     "Path to dataset `name` in the cache (a folder for multi-file sets), fetched and verified if needed."
     if name not in DATASETS:
         raise FetchError(f"Unknown dataset {name!r}. Known: {', '.join(DATASETS)}.")
-    ds, root, mirror = DATASETS[name], cache_dir(), mirror_dir()
-    for rf in ds.files:
-        dest = root / rf.path
-        if dest.is_file() and sha256sum(dest) == rf.sha256: continue
-        if mirror is not None and copy_from_mirror(rf, mirror, dest): continue
-        download(rf, dest, progress=progress)
-    return (root / ds.files[0].path).parent if ds.is_folder else root / ds.files[0].path
+    ds = DATASETS[name]
+    paths = [fetch_file(rf, progress) for rf in ds.files]
+    return paths[0].parent if ds.is_folder else paths[0]

@@ -17,8 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import (FetchError, RemoteFile, _stream, _tempfile_beside, cache_dir, copy_from_mirror,
-                              download, mirror_dir, sha256sum)
+from .data import (_stream, _tempfile_beside, cache_dir, fetch_file, FetchError, mirror_dir, RemoteFile, sha256sum)
 from .model import PRESETS, GPTConfig, GPTModel
 
 # %% auto #0
@@ -168,11 +167,7 @@ def fetch_checkpoint(name: str, progress: bool = True) -> Path:
     ck = GPT2_CHECKPOINTS[name]
     dest = cache_dir() / ck.path
     if ck.sha256 is None: return _fetch_unpinned(ck, dest, progress)
-    rf = RemoteFile(ck.path, ck.url, ck.sha256)
-    if dest.is_file() and sha256sum(dest) == rf.sha256: return dest
-    mirror = mirror_dir()
-    if mirror is not None and copy_from_mirror(rf, mirror, dest): return dest
-    return download(rf, dest, progress=progress)
+    return fetch_file(RemoteFile(ck.path, ck.url, ck.sha256), progress)
 
 # %% ../nbs/04_weights.ipynb #3b8c542e
 def _tied(sd: dict[str, torch.Tensor]) -> bool:
