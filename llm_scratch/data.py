@@ -18,8 +18,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['DATASETS', 'RemoteFile', 'Dataset', 'cache_dir', 'mirror_dir', 'sha256sum', 'FetchError', 'ChecksumError', 'download',
-           'copy_from_mirror', 'fetch_file', 'fetch']
+__all__ = ['DATASETS', 'RemoteFile', 'Dataset', 'cache_dir', 'mirror_dir', 'sha256sum', 'FetchError', 'ChecksumError',
+           'write_atomic', 'download', 'copy_from_mirror', 'fetch_file', 'fetch']
 
 # %% ../nbs/00_data.ipynb #864b1b2c
 @dataclass(frozen=True)
@@ -111,6 +111,17 @@ def _tempfile_beside(dest: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     os.close(fd)
     return Path(name)
+
+def write_atomic(dest: str | os.PathLike, write) -> Path:
+    "Call `write(tmp_path)` on a temp file beside `dest`, then rename it to `dest`; on failure remove it."
+    dest = Path(dest)
+    tmp = _tempfile_beside(dest)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 def _stream(url: str, out, timeout: float = 30, progress: bool = True):
     "Copy the body of `url` into the open binary file `out`, with a progress bar."

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import fetch
+from .data import fetch, write_atomic
 from .text import create_dataloader, gpt2_tokenizer
 from .model import GPTConfig, GPTModel, generate_simple
 
@@ -163,16 +163,7 @@ def set_rng_state(state: dict):
 # %% ../nbs/05_pretrain.ipynb #14de0e8b
 def atomic_torch_save(obj, path: str | os.PathLike):
     "`torch.save` to a temp file beside `path`, then rename: `path` is never half-written."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer=None, step: int = 0, **extra) -> Path:
     "Save model, optimizer, step, RNG states and any `extra` plain values to `path`, atomically."

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import DATASETS, FetchError, cache_dir, fetch, sha256sum
+from .data import DATASETS, FetchError, cache_dir, fetch, sha256sum, write_atomic
 from .text import gpt2_tokenizer
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .pretrain import atomic_torch_save, calc_loss_batch, rng_state, set_rng_state, warmup_cosine
@@ -376,9 +376,7 @@ def train_step(model, optimizer, sampler: WindowSampler, step: int, lr: float, d
 def _barrier(accelerator):
     if accelerator is not None: accelerator.wait_for_everyone()
 
-def _write_text_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text); os.replace(tmp, path)
+def _write_text_atomic(path: Path, text: str): write_atomic(path, lambda tmp: tmp.write_text(text))
 
 def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelerator=None) -> Path:
     "Write a resumable checkpoint of `model`, `optimizer` and every process's RNG to `folder`, atomically."

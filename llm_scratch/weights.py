@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import (_stream, _tempfile_beside, cache_dir, fetch_file, FetchError, mirror_dir, RemoteFile, sha256sum)
+from .data import (_stream, _tempfile_beside, cache_dir, fetch_file, FetchError, mirror_dir, RemoteFile, sha256sum,
+                              write_atomic)
 from .model import PRESETS, GPTConfig, GPTModel
 
 # %% auto #0
@@ -217,18 +218,10 @@ def load_gpt2(source: str | os.PathLike,  # a preset name, a checkpoint director
     return model.eval()
 
 # %% ../nbs/04_weights.ipynb #105df260
-def _write_atomic(dest: Path, write):
-    "Call `write(tmp_path)`, then rename the temporary file to `dest`."
-    tmp = _tempfile_beside(dest)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally: tmp.unlink(missing_ok=True)
-
 def save_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     "Write `model` to `directory` as a Hugging Face GPT-2 checkpoint (model.safetensors, config.json), atomically."
     d = Path(directory)
     tensors = hf_state_dict(model)
-    _write_atomic(d / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(d / "config.json", lambda p: p.write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n"))
+    write_atomic(d / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(d / "config.json", lambda p: p.write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n"))
     return d
