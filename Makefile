@@ -18,11 +18,10 @@ endif
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 export PYTHONHASHSEED ?= 0
-export MPLBACKEND ?= Agg
 
 JB_ARGS := --config _book/_config.yml --toc _book/_toc.yml
 TEX_DEBS := texlive-latex-recommended texlive-fonts-recommended texlive-latex-extra texlive-xetex \
-            fonts-freefont-otf latexmk poppler-utils
+            fonts-freefont-otf fonts-wqy-microhei fonts-symbola latexmk poppler-utils
 VENDOR := _book/_static/vendor
 
 BROWSER_DEBS := chromium
@@ -57,7 +56,8 @@ vendor: $(VENDOR)/.stamp
 
 tex:
 	@if command -v xelatex >/dev/null && command -v latexmk >/dev/null && command -v pdftoppm >/dev/null \
-	    && kpsewhich fncychap.sty >/dev/null && fc-list | grep -qi freeserif; then exit 0; fi; \
+	    && kpsewhich fncychap.sty >/dev/null && fc-list | grep -qi freeserif \
+	    && fc-list | grep -qi 'wenquanyi micro hei' && fc-list | grep -qi symbola; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing the TeX packages for the PDF (a few minutes, once)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_DEBS) >/dev/null; \
@@ -79,12 +79,13 @@ browser:
 export: $(STAMP)
 	$(BIN)/nbdev_export
 
+# The book's kernels must not inherit MPLBACKEND=Agg: with it plt.show() draws nothing into the page.
 html: export vendor
-	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html
+	env -u MPLBACKEND $(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html
 	@echo "HTML book: $(CURDIR)/_book/_build/html/index.html"
 
 pdf: export vendor tex
-	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder pdflatex
+	env -u MPLBACKEND $(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder pdflatex
 	@echo "PDF book:  $(CURDIR)/_book/_build/latex/book.pdf"
 
 book: html pdf
@@ -120,7 +121,7 @@ pytest: export
 
 # 5. a clean HTML build, every page re-read, Sphinx warnings as errors
 book-check: export vendor
-	$(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html --all -W -n --keep-going
+	env -u MPLBACKEND $(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html --all -W -n --keep-going
 
 # 6. the book as a reader sees it: every page in headless Chromium, and the PDF
 book-tests: book-check pdf browser

@@ -41,6 +41,14 @@ def chapter_titles():
     return out
 
 
+def figures_drawn(doc):
+    "How many figures the notebook's executed cells draw with `plt.show()` (a lower bound on its images)."
+    import json
+    nb = json.loads((REPO / f"{doc}.ipynb").read_text())
+    return sum("".join(c["source"]).count("plt.show()") for c in nb["cells"]
+               if c["cell_type"] == "code" and "#| eval: false" not in "".join(c["source"]))
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args): pass
 
@@ -93,6 +101,9 @@ def test_chapter_page_loads_offline_and_clean(browser, site, doc):
     assert code, f"{doc} shows no code cells"
     assert not [c for c in code if re.search(r"^\s*#\|", c, re.M)], f"{doc} shows nbdev directives"
     assert "{target=" not in page.locator("main").inner_text(), f"{doc} shows show_doc's raw link attributes"
+    # a kernel started with MPLBACKEND=Agg draws nothing: every plt.show() must leave an image behind
+    images = page.locator("div.cell_output img").count()
+    assert images >= figures_drawn(doc), f"{doc} shows {images} images for {figures_drawn(doc)} plt.show() calls"
     ran = page.locator("p.exec-time").all_inner_texts()
     assert len(ran) == 1 and re.search(r"ran in \d+\.\d s", ran[0]), f"{doc} does not say how long it ran: {ran}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -149,3 +160,12 @@ def test_pdf_has_title_toc_and_every_chapter():
         subprocess.run(["pdftoppm", "-png", "-r", "60", "-f", str(n), "-l", str(n), "-singlefile",
                         str(PDF), str(ARTIFACTS / f"pdf-page-{n}")], check=True)
         assert (ARTIFACTS / f"pdf-page-{n}.png").stat().st_size > 5_000
+
+
+def test_pdf_has_a_glyph_for_every_character():
+    "XeLaTeX logs each character no font had; the PDF would show a blank there (CJK, emoji, arrows)."
+    log = PDF.with_suffix(".log")
+    if not log.is_file():
+        pytest.fail("no LaTeX log: run `make pdf` (or `make test`) first")
+    missing = sorted(set(re.findall(r"Missing character: There is no (.+?) in font", log.read_text(errors="replace"))))
+    assert not missing, f"characters without a glyph in the PDF: {missing}; add a fallback in _book/_ext/nbdev_cells.py"

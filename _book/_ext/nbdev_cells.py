@@ -10,6 +10,8 @@ change what is shown to jupyter-book cell tags:
 - `#| eval: false`               -> `skip-execution` (the stored outputs, if any, are shown)
 
 Each executed page says, under its title, how long its code took to run. It also drops sphinx-thebe's scripts from the HTML pages: the book is read offline, with no kernel.
+In the LaTeX book, each CJK character and each emoji/symbol that the Free fonts lack is made to switch
+to `\cjkfont` / `\symbolfont` (declared in _config.yml), in prose and in code blocks alike.
 """
 import json
 import re
@@ -125,7 +127,33 @@ def _add_run_time(app, doctree):
     top.insert(at, para)
 
 
+# CJK blocks (kana, ideographs, Hangul, full-width forms) and symbols outside the Free fonts (emoji, ⇥)
+_CJK = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
+_SYMBOLS = re.compile("[\u21e5\u2600-\u27bf\U0001f300-\U0001faff]")
+
+
+def font_fallbacks(tex: str) -> str:
+    "LaTeX source that sets each CJK or symbol character it uses in a font that has it."
+    chars = sorted(set(_CJK.findall(tex)) | set(_SYMBOLS.findall(tex)))
+    if not chars or "\\begin{document}" not in tex: return tex
+    # one active character each (newunicodechar): a single token, which is what Sphinx's forced
+    # wrapping of long code lines can handle; a macro with an argument would be split apart
+    defs = "".join(f"\\newunicodechar{{{c}}}{{{{\\{'cjkfont' if _CJK.match(c) else 'symbolfont'} {c}}}}}\n"
+                   for c in chars)
+    return tex.replace("\\begin{document}", defs + "\\begin{document}", 1)
+
+
+def _latex_fallbacks(app, exc):
+    if exc or app.builder.name != "latex": return
+    from pathlib import Path
+    for tex in Path(app.outdir).glob("*.tex"):
+        text = tex.read_text(encoding="utf-8")
+        new = font_fallbacks(text)
+        if new != text: tex.write_text(new, encoding="utf-8")
+
+
 def setup(app):
+    app.connect("build-finished", _latex_fallbacks)
     app.connect("doctree-read", _add_run_time)
     app.connect("source-read", _source_read)
     app.connect("html-page-context", _drop_thebe)
