@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ class RemoteFile:
     "One file of a dataset: where it lives in the cache, where it comes from, and its SHA-256."
     path: str  # relative path inside the cache or mirror folder
     url: str  # canonical download address
-    sha256: str  # checksum of the file's bytes (of the extracted member, for zips)
+    sha256: str | None  # checksum of the file's bytes (of the extracted member, for zips); None: not pinned
     member: str | None = None  # the file to extract when `url` is a zip archive
 
 @dataclass(frozen=True)
@@ -95,9 +96,17 @@ class ChecksumError(FetchError):
     "A file's SHA-256 is not the one the registry expects."
 
 # %% ../nbs/00_data.ipynb #c3c20069
+def _known_hash(dest: Path) -> Path: return dest.with_name(dest.name + ".sha256")
+
 def _install(tmp: Path, dest: Path, rf: RemoteFile, source: str):
     "Move the finished temp file `tmp` to `dest` if its checksum is right; delete it otherwise."
     got = sha256sum(tmp)
+    if rf.sha256 is None:  # not pinned: accept it, and remember its hash for the next time
+        os.replace(tmp, dest)
+        _known_hash(dest).write_text(got + "\n")
+        warnings.warn(f"{rf.path} is not pinned to a checksum; accepted the copy from {source} with SHA-256 {got}. "
+                      "Compare it with the one its publisher shows.")
+        return
     if got != rf.sha256:
         tmp.unlink(missing_ok=True)
         raise ChecksumError(f"{rf.path} from {source} has SHA-256 {got}, expected {rf.sha256}. "
@@ -169,6 +178,10 @@ def copy_from_mirror(rf: RemoteFile, mirror: Path, dest: Path) -> Path | None:
 def fetch_file(rf: RemoteFile, progress: bool = True) -> Path:
     "Path to `rf` in the cache: the cached copy if its checksum is right, else from the mirror, else downloaded."
     dest = cache_dir() / rf.path
+    if rf.sha256 is None and dest.is_file() and _known_hash(dest).is_file():  # trusted on first use
+        if sha256sum(dest) == _known_hash(dest).read_text().strip(): return dest
+        raise ChecksumError(f"{dest} changed since it was first fetched (its SHA-256 differs from the one in "
+                            f"{_known_hash(dest).name}); delete both files to fetch it again.")
     if dest.is_file() and sha256sum(dest) == rf.sha256: return dest
     mirror = mirror_dir()
     if mirror is not None and copy_from_mirror(rf, mirror, dest): return dest

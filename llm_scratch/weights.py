@@ -8,17 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import (_stream, _tempfile_beside, cache_dir, fetch_file, FetchError, mirror_dir, RemoteFile, sha256sum,
-                              write_atomic)
+from .data import fetch_file, FetchError, RemoteFile, write_atomic
 from .model import PRESETS, GPTConfig, GPTModel
 
 # %% auto #0
@@ -136,39 +132,12 @@ GPT2_CHECKPOINTS: dict[str, Checkpoint] = {
 }
 
 # %% ../nbs/04_weights.ipynb #b6236fb3
-def _fetch_unpinned(ck: Checkpoint, dest: Path, progress: bool) -> Path:
-    "Mirror, else network, into `dest` atomically; remember its SHA-256 beside it and warn that it is not pinned."
-    known = dest.with_name(dest.name + ".sha256")
-    if dest.is_file() and known.is_file():
-        if sha256sum(dest) == known.read_text().strip(): return dest
-        raise FetchError(f"{dest} changed since it was downloaded (its SHA-256 differs from {known}); delete both "
-                         "files to download it again.")
-    tmp, mirror = _tempfile_beside(dest), mirror_dir()
-    try:
-        src = None if mirror is None else mirror / ck.path
-        if src is not None and src.is_file(): shutil.copyfile(src, tmp)
-        else:
-            try:
-                with open(tmp, "wb") as out: _stream(ck.url, out, progress=progress)
-            except OSError as e:
-                raise FetchError(f"Could not download {ck.url} ({e}). If this machine is offline, put the file in "
-                                 f"a mirror folder as {ck.path} and set LLM_SCRATCH_DATA to that folder.") from e
-        digest = sha256sum(tmp)
-        os.replace(tmp, dest)
-    finally: tmp.unlink(missing_ok=True)
-    known.write_text(digest + "\n")
-    warnings.warn(f"{ck.path} is not pinned to a checksum in this book; accepted it with SHA-256 {digest}. "
-                  "Compare it with the one Hugging Face shows for the file.")
-    return dest
-
 def fetch_checkpoint(name: str, progress: bool = True) -> Path:
     "Path to the cached `model.safetensors` of GPT-2 checkpoint `name`, fetched and verified if needed."
     if name not in GPT2_CHECKPOINTS:
         raise FetchError(f"Unknown checkpoint {name!r}. Known: {', '.join(GPT2_CHECKPOINTS)}.")
     ck = GPT2_CHECKPOINTS[name]
-    dest = cache_dir() / ck.path
-    if ck.sha256 is None: return _fetch_unpinned(ck, dest, progress)
-    return fetch_file(RemoteFile(ck.path, ck.url, ck.sha256), progress)
+    return fetch_file(RemoteFile(ck.path, ck.url, ck.sha256), progress)  # sha256=None: trusted on first use
 
 # %% ../nbs/04_weights.ipynb #3b8c542e
 def _tied(sd: dict[str, torch.Tensor]) -> bool:
