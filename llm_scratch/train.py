@@ -25,9 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import DATASETS, FetchError, cache_dir, fetch, sha256sum, write_atomic
@@ -39,10 +43,11 @@ from .pretrain import atomic_torch_save, calc_loss_batch, rng_state, set_rng_sta
 __all__ = ['MALLOC_TIP', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file', 'RunError', 'resolve_data', 'make_tokenizer',
            'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank', 'count_params', 'TrainConfig',
            'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model', 'reset_accelerate',
-           'core_model', 'grad_sync', 'make_optimizer', 'autocast', 'train_step', 'save_state', 'load_state',
-           'latest_checkpoint', 'full_model', 'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics',
-           'truncate_metrics', 'plot_metrics', 'model_config', 'holdings', 'check_out', 'validate', 'Run', 'start_run',
-           'save_run', 'finish_run', 'train', 'free_port', 'main']
+           'core_model', 'grad_sync', 'HeadwiseParallel', 'tensor_parallel', 'make_optimizer', 'autocast',
+           'clip_grad_norm', 'train_step', 'save_state', 'load_state', 'latest_checkpoint', 'full_model',
+           'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics',
+           'model_config', 'holdings', 'check_out', 'validate', 'Run', 'start_run', 'save_run', 'finish_run', 'train',
+           'free_port', 'main']
 
 # %% ../nbs/07_train.ipynb #2ca71503
 def safe_cut(text: str, start: int) -> int:
@@ -218,7 +223,7 @@ class TrainConfig:
                           choices=["gpt2", "char"])
     context_length: int | None = _opt(None, "tokens per window (default: the preset's)", type=int)
     dropout: float | None = _opt(None, "dropout rate (default: the preset's)", type=float)
-    batch_size: int = _opt(8, "windows per process and micro-step")
+    batch_size: int = _opt(8, "windows per process and micro-step (under tp: per tensor-parallel group)")
     grad_accum: int = _opt(1, "micro-steps per optimiser step, in each process")
     lr: float = _opt(6e-4, "peak learning rate")
     min_lr: float | None = _opt(None, "final learning rate of the cosine decay (default: lr / 10)", type=float)
@@ -235,8 +240,9 @@ class TrainConfig:
     out: str = _opt("runs/train", "output folder: metrics.jsonl, loss.png, checkpoints/, final/")
     resume: bool = _opt(False, "continue from the newest checkpoint in --out (start afresh if there is none)")
     precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU)", choices=["fp32", "bf16"])
-    strategy: str = _opt("ddp", "ddp (a full copy per process) or fsdp (each process holds 1/N)",
-                         choices=["ddp", "fsdp"])
+    strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N) or tp (tensor "
+                         "parallel: all processes read the same batch, each holds 1/N of every block)",
+                         choices=["ddp", "fsdp", "tp"])
     seed: int = _opt(1337, "seeds the initial weights, the data windows and dropout")
     compile: bool = _opt(False, "torch.compile the model")
     peak_tflops: float | None = _opt(None, "peak TFLOP/s of one device, for the MFU estimate (default: a guess)",
@@ -319,6 +325,7 @@ def wrap_model(model: GPTModel, strategy: str, accelerator) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    if strategy == "tp": return tensor_parallel(model, mesh)
     for block in model.blocks: fully_shard(block, mesh=mesh)  # one all-gather per block
     return fully_shard(model, mesh=mesh)  # embeddings, final norm, the tied head
 
@@ -339,6 +346,32 @@ def grad_sync(model: torch.nn.Module, sync: bool):
     if hasattr(model, "set_requires_gradient_sync"): model.set_requires_gradient_sync(sync)  # FSDP2
     return contextlib.nullcontext()
 
+# %% ../nbs/07_train.ipynb #a67feabf
+class HeadwiseParallel(ColwiseParallel):
+    "`ColwiseParallel` for a fused q|k|v `Linear`: each process holds whole heads of q, k and v."
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for n, p in module.named_parameters():  # q, k and v each split into N pieces; process r holds piece r of each
+            shard = distribute_tensor(p, device_mesh, [_StridedShard(0, split_factor=3)], src_data_rank=self.src_data_rank)
+            module.register_parameter(n, nn.Parameter(shard, requires_grad=p.requires_grad))
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return outputs.to_local()  # [q | k | v] of this process's heads: the layout `split_heads` expects
+
+def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
+    "Split every block's attention heads and MLP across the processes of `mesh` (Megatron-style), in place."
+    n = mesh.size()
+    if model.cfg.n_heads % n:
+        raise ValueError(f"tensor parallelism over {n} processes needs n_heads divisible by {n}, but the model has "
+                         f"{model.cfg.n_heads} heads; run a number of processes that divides {model.cfg.n_heads}")
+    plan = {"att.qkv": HeadwiseParallel(), "att.proj": RowwiseParallel(),
+            "ff.fc": ColwiseParallel(), "ff.proj": RowwiseParallel()}
+    for block in model.blocks:
+        parallelize_module(block, mesh, plan)
+        block.att.n_heads, block.att.d_out = block.att.n_heads // n, block.att.d_out // n  # this process's heads
+    return model
+
+
 # %% ../nbs/07_train.ipynb #4d805422
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
     "AdamW with weight decay on parameters of 2 or more dimensions only."
@@ -351,6 +384,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1)
 def autocast(device: torch.device, precision: str):
     "bf16 autocast on `device` for `precision='bf16'`, else a no-op."
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    "Scale the gradients so that their total norm is at most `max_norm`; returns the norm before clipping."
+    params = [p for p in parameters if p.grad is not None]
+    kinds = [[p for p in params if isinstance(p.grad, DTensor)], [p for p in params if not isinstance(p.grad, DTensor)]]
+    kinds = [k for k in kinds if k]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in k]) for k in kinds]
+    norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    for k in kinds: torch.nn.utils.clip_grads_with_norm_(k, max_norm, norm)
+    return float(norm)
 
 def train_step(model, optimizer, sampler: WindowSampler, step: int, lr: float, device,
                precision: str = "fp32", grad_clip: float = 0.0, forward=None) -> tuple[torch.Tensor, float | None]:
@@ -366,9 +409,7 @@ def train_step(model, optimizer, sampler: WindowSampler, step: int, lr: float, d
             (loss / sampler.grad_accum).backward()
         total += loss.detach()
     norm = None
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if grad_clip > 0: norm = clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
     return total / sampler.grad_accum, norm
 
@@ -378,6 +419,11 @@ def _barrier(accelerator):
 
 def _write_text_atomic(path: Path, text: str): write_atomic(path, lambda tmp: tmp.write_text(text))
 
+def _state_options(model) -> StateDictOptions:
+    "Full state dicts for a tensor-parallel model (DCP cannot store its head-wise shards); sharded ones otherwise."
+    tp = not isinstance(model, FSDPModule) and any(isinstance(p, DTensor) for p in model.parameters())
+    return StateDictOptions(full_state_dict=tp)
+
 def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelerator=None) -> Path:
     "Write a resumable checkpoint of `model`, `optimizer` and every process's RNG to `folder`, atomically."
     folder = Path(folder)
@@ -385,7 +431,7 @@ def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelera
     tmp = folder.with_name(f".{folder.name}.tmp")
     if main: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     _barrier(accelerator)
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=_state_options(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is fine
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
@@ -403,12 +449,13 @@ def load_state(folder: str | os.PathLike, model, optimizer, accelerator=None) ->
     "Restore `model`, `optimizer` and this process's RNG from a `save_state` folder; returns its meta."
     folder = Path(folder)
     rank = accelerator.process_index if accelerator else 0
-    msd, osd = get_state_dict(model, optimizer)  # templates in this process's layout (DCP reshards into them)
+    opts = _state_options(model)
+    msd, osd = get_state_dict(model, optimizer, options=opts)  # templates in this process's layout (DCP reshards into them)
     state = {"model": msd, "optimizer": osd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=opts)
     rng = folder / f"rng-rank{rank}.pt"
     if rng.is_file(): set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((folder / "meta.json").read_text())
@@ -585,18 +632,22 @@ def start_run(cfg: TrainConfig, acc) -> Run:
     train_tokens, val_tokens, meta = _data(cfg, acc)
     mcfg = model_config(cfg, meta["vocab_size"])
     ctx = mcfg.context_length
-    sampler = WindowSampler(train_tokens, ctx, cfg.batch_size, world, rank, cfg.grad_accum, cfg.seed, stream=0)
+    if cfg.strategy == "tp" and world > 1 and mcfg.n_heads % world:
+        raise RunError(f"--strategy tp splits the {mcfg.n_heads} attention heads of {cfg.model} across processes; "
+                       f"run a number of processes that divides {mcfg.n_heads}, not {world}")
+    dp_world, dp_rank = (1, 0) if cfg.strategy == "tp" else (world, rank)  # tp: every process reads the same batch
+    sampler = WindowSampler(train_tokens, ctx, cfg.batch_size, dp_world, dp_rank, cfg.grad_accum, cfg.seed, stream=0)
     if len(val_tokens) < ctx + 1:
         raise RunError(f"the validation split has {len(val_tokens)} tokens, fewer than one window of {ctx + 1}; "
                        "raise --val-fraction, lower --context-length, or use a larger text")
-    val = WindowSampler(val_tokens, ctx, cfg.batch_size, world, rank, 1, cfg.seed, stream=1, strict=False)
+    val = WindowSampler(val_tokens, ctx, cfg.batch_size, dp_world, dp_rank, 1, cfg.seed, stream=1, strict=False)
     _seed_all(cfg.seed)  # the same initial weights in every process
     model = GPTModel(mcfg)
     n_params = num_params(model)
     model = wrap_model(model, cfg.strategy, acc)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     forward = torch.compile(model) if cfg.compile else model
-    _seed_all(cfg.seed + 1 + rank)  # a different dropout stream per process
+    _seed_all(cfg.seed + 1 + dp_rank)  # a different dropout stream per data-parallel rank
     run = Run(cfg, acc, mcfg, meta, model, optimizer, forward, sampler, val, n_params)
     if ckpt is not None:
         saved = load_state(ckpt, model, optimizer, acc)

@@ -1,0 +1,141 @@
+"""Parallelism on two CPU processes (gloo), each strategy against one process: the memory each rank holds against
+ZeRO's arithmetic, tensor parallelism (forward, gradients, an AdamW step), the GPipe pipeline, and the trainer's
+`--strategy tp` against a one-process run, including an exact resume."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from llm_scratch.model import GPTConfig, GPTModel
+from llm_scratch.parallel import (bubble_fraction, gpipe_timeline, launch, tp_sharded_params, zero_memory,
+                                  zero_parts)
+from llm_scratch.train import bytes_per_rank, count_params, free_port, load_trained, read_metrics
+from llm_scratch.weights import load_gpt2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_malloc():
+    "The workers inherit the environment: the fast malloc settings, no stray thread count."
+    old = {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
+    os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
+    yield
+    for k, v in old.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
+
+
+def test_zero_memory_reproduces_the_paper_and_generalises_bytes_per_rank():
+    gb = [zero_memory(7.5e9, 64, s) / 1e9 for s in range(4)]
+    assert [round(g, 1) for g in gb] == [120.0, 31.4, 16.6, 1.9]
+    for n, w in [(124_439_808, 8), (1_557_611_200, 64), (7, 3)]:
+        assert zero_parts(n, w, 0, 8, 4, 4) == pytest.approx(bytes_per_rank(n, w, "ddp"), rel=1e-12)
+        assert zero_parts(n, w, 3, 8, 4, 4) == pytest.approx(bytes_per_rank(n, w, "fsdp"), rel=1e-12)
+    assert zero_memory(1e9, 1, 3) == zero_memory(1e9, 1, 0) == 16e9  # one device: nothing to shard
+    with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"): zero_memory(1e9, 8, 5)
+    for p in (2, 4):
+        for m in (1, 3, 8): assert abs(bubble_fraction(gpipe_timeline(p, m)) - (p - 1) / (m + p - 1)) < 1e-12
+
+
+def test_held_bytes_match_the_prediction():
+    t = time.perf_counter()
+    ranks = launch("memory")
+    print(f"memory check: {time.perf_counter() - t:.1f} s")
+    n, w, s = ranks[0]["n_params"], ranks[0]["world"], ranks[0]["tp_sharded"]
+    assert w == 2 and s == tp_sharded_params(GPTConfig.from_preset("tiny", vocab_size=512, context_length=32))
+    tp = n - s + s / w
+    want = {"ddp": zero_parts(n, w, 0, 8, 4, 4), "fsdp": zero_parts(n, w, 3, 8, 4, 4),
+            "tp": {"parameters": 4 * tp, "gradients": 4 * tp, "optimizer": 8 * tp}}
+    for r in ranks:
+        for strategy, pred in want.items():
+            held = r[strategy]
+            assert (held["parameters"], held["gradients"], held["optimizer_state"]) == \
+                   (pred["parameters"], pred["gradients"], pred["optimizer"]), (strategy, held, pred)
+
+
+def test_tensor_parallel_equals_one_process():
+    ranks = launch("tp", lr=1e-3)
+    for r in ranks:
+        print(r)
+        assert r["heads"] == 2 and r["qkv_rows_match"] and r["qkv_local"] == [96, 64] and r["fc_local"] == [128, 64]
+        assert r["logits"] < 1e-5 and r["grads"] < 1e-6 and r["step"] < 1e-5, r
+    assert ranks[0]["held"] == ranks[1]["held"] < count_params(GPTConfig.from_preset("tiny", vocab_size=512,
+                                                                                       context_length=32))
+
+
+def test_pipeline_equals_one_process_and_has_a_bubble():
+    ranks = launch("pp", micro_batches=[1, 4], repeats=1, batch=16)
+    last = ranks[-1]
+    for m in (1, 4):
+        assert last[f"logits_{m}"] < 1e-5 and last[f"loss_{m}"] < 1e-5, last
+        assert max(r[f"grads_{m}"] for r in ranks) < 1e-6
+    events = [tuple(e) for r in ranks for e in r["runs"]["1"][0]]
+    assert sorted((e[0], e[1]) for e in events) == [(0, "B"), (0, "F"), (1, "B"), (1, "F")]
+    assert 0.35 < bubble_fraction(events) < 0.8  # one micro-batch: each stage idles while the other works
+
+
+def test_launch_reports_the_failing_rank():
+    with pytest.raises(RuntimeError, match="unexpected keyword argument"): launch("collectives", bogus=1)
+    with pytest.raises(ValueError, match="the checks are"): launch("no-such-check")
+
+
+# the trainer, as tests/test_train.py runs it
+BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "--lr", "1e-3", "--warmup", "2",
+        "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--dropout", "0",
+        "--batch-size", "4", "--max-steps", "6", "--save-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
+             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
+    e.pop("OMP_NUM_THREADS", None)
+    return e
+
+
+def train(env, args, nproc=1):
+    cmd = ([sys.executable, "-m", "llm_scratch.train", *args] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), "-m", "llm_scratch.train", *args])
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+
+
+def losses(out): return {r["step"]: r["loss"] for r in read_metrics(out)}
+
+
+def params(model): return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_trainer_tp_matches_one_process_and_resumes_exactly(env, tmp_path):
+    t = time.perf_counter()
+    train(env, BASE + ["--strategy", "tp", "--out", str(tmp_path / "tp")], nproc=2)
+    t_tp = time.perf_counter() - t
+    train(env, BASE + ["--out", str(tmp_path / "one")])
+    a, b = losses(tmp_path / "tp"), losses(tmp_path / "one")
+    tp, one = params(load_gpt2(tmp_path / "tp" / "final")), params(load_gpt2(tmp_path / "one" / "final"))
+    print(f"tp run {t_tp:.1f} s; tp vs one process: loss {max(abs(a[s] - b[s]) for s in a):.1e}, "
+          f"params {(tp - one).abs().max():.1e}")
+    assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 1e-4
+    assert (tp - one).abs().max() < 1e-4
+    val_a = [r["val_loss"] for r in read_metrics(tmp_path / "tp") if "val_loss" in r]
+    val_b = [r["val_loss"] for r in read_metrics(tmp_path / "one") if "val_loss" in r]
+    assert len(val_a) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < 1e-4
+    summary = json.loads((tmp_path / "tp" / "run.json").read_text())
+    n = summary["parameters"]
+    split = tp_sharded_params(GPTConfig.from_preset("tiny", context_length=64))
+    assert summary["strategy"] == "tp" and [r["parameters"] for r in summary["ranks"]] == [n - split // 2] * 2
+    assert torch.equal(params(load_trained(tmp_path / "tp")), tp)  # the checkpoint is an ordinary, whole one
+    # resume from the step-3 checkpoint in the same layout: steps 4 to 6 come out identical
+    res = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "tp", res)
+    for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
+        shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
+    (res / "checkpoints" / "latest").write_text("step_000003")
+    train(env, BASE + ["--strategy", "tp", "--out", str(res), "--resume"], nproc=2)
+    assert losses(res) == a
+    assert torch.equal(params(load_gpt2(res / "final")), tp)
