@@ -1,0 +1,72 @@
+"""`llm_scratch_finetune` on several CPU processes (gloo, DDP through `accelerate launch`): every logged loss of
+two processes with batch b equals one process with batch 2b, for both tasks; and the command's errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llm_scratch.train import free_port, read_metrics
+
+BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
+             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
+    e.pop("OMP_NUM_THREADS", None)
+    return e
+
+
+def run(env, args, nproc=1, check=True):
+    if nproc == 1: cmd = [sys.executable, "-m", "llm_scratch.finetune", *args]
+    else: cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port()), "-m", "llm_scratch.finetune", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def compare(one, two, key="loss", tol=1e-4):
+    a, b = ([r for r in read_metrics(d) if key in r] for d in (one, two))
+    assert len(a) == len(b) > 0
+    for r, s in zip(a, b):
+        assert r["step"] == s["step"]
+        assert abs(r[key] - s[key]) <= tol * max(1.0, abs(r[key])), (r, s)
+
+
+@pytest.mark.parametrize("task,extra", [
+    ("classify", ["--train", "all", "--limit", "96"]),
+    ("instruct", ["--limit", "32", "--generate", "1", "--max-new-tokens", "4", "--mask-prompt"]),
+])
+def test_two_processes_take_the_steps_of_one(env, tmp_path, task, extra):
+    run(env, [task, *BASE, *extra, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    run(env, [task, *BASE, *extra, "--batch-size", "4", "--out", str(tmp_path / "two")], nproc=2)
+    compare(tmp_path / "one", tmp_path / "two")
+    compare(tmp_path / "one", tmp_path / "two", key="val_loss" if task == "instruct" else "val_accuracy")
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r2["world_size"] == 2 and r1["steps"] == r2["steps"]
+    for k in ("val_loss", "test_accuracy", "train_accuracy"):
+        if k in r1: assert abs(r1[k] - r2[k]) < 1e-4, (k, r1[k], r2[k])
+    assert (tmp_path / "two" / "loss.png").stat().st_size > 1000
+
+
+def test_lora_classifier_trains_few_parameters_and_saves_a_plain_model(env, tmp_path):
+    run(env, ["classify", *BASE, "--train", "lora", "--lora-rank", "2", "--limit", "48", "--out", str(tmp_path / "r")])
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert 0 < res["trainable_parameters"] < res["parameters"] / 10
+    from llm_scratch.finetune import load_classifier
+    model, meta = load_classifier(tmp_path / "r" / "final")  # merged: loads into a plain GPTModel classifier
+    assert meta["max_length"] <= model.cfg.context_length
+
+
+def test_errors_say_what_to_do(env, tmp_path):
+    p = run(env, ["classify", "--init", "no-such-model", "--out", str(tmp_path / "x")], check=False)
+    assert p.returncode == 2 and "neither a GPT-2 checkpoint" in p.stderr
+    p = run(env, ["instruct", "--train", "head"], check=False)
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = run(env, ["classify", *BASE, "--limit", "4", "--batch-size", "8", "--out", str(tmp_path / "y")], check=False)
+    assert p.returncode == 2 and "lower --batch-size" in p.stderr
