@@ -31,6 +31,7 @@ help:
 	@echo "make book   render the HTML site and the PDF book into _book/_build"
 	@echo "make test   run every check: export in sync, clean notebooks, notebooks, pytest, book -W, browser + PDF"
 	@echo "make export write llm_scratch/ from the notebooks (after you edit one)"
+	@echo "make bench  time our GPT against llms-from-scratch and Hugging Face (BENCH_ARGS=--quick: 2 min)"
 
 ## --- set-up -----------------------------------------------------------------------------------
 # the stamp changes whenever the declared requirements change
@@ -129,6 +130,18 @@ book-tests: book-check pdf browser
 
 test: check-export check-clean nbtest pytest book-check book-tests
 	@echo "make test: all checks passed"
+
+## --- benchmarks (not part of `make test`: minutes of CPU, figures for bench/README.md) -------------
+# The book's reference model comes from llms-from-scratch, whose declared dependencies pull in
+# TensorFlow; its GPT code imports only torch, so it is installed without them.
+LLMS_FROM_SCRATCH ?= llms-from-scratch==1.0.19
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(STAMP)
+	@$(BIN)/python -c "import transformers, llms_from_scratch" 2>/dev/null || { \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check -e ".[bench]" && \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "$(LLMS_FROM_SCRATCH)"; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf _book/_build _proc _docs

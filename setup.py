@@ -10,6 +10,7 @@ cfg = cfg["DEFAULT"]
 
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+bench_requirements = cfg.get("bench_requirements", "").split()
 console_scripts = cfg.get("console_scripts", "").split()
 readme = Path(__file__).parent / "README.md"
 
@@ -36,7 +37,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, "bench": bench_requirements},
     entry_points={
         "console_scripts": console_scripts,
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['simple_attention', 'SelfAttention', 'causal_mask', 'attend', 'CausalAttention', 'MultiHeadAttentionWrapper',
-           'MultiHeadAttention']
+           'sdpa_pays', 'MultiHeadAttention']
 
 # %% ../nbs/02_attention.ipynb #123dd065
 def simple_attention(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,14 @@ class MultiHeadAttentionWrapper(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(x) for head in self.heads], dim=-1)
 
+# %% ../nbs/02_attention.ipynb #2f26551f
+def sdpa_pays(q: torch.Tensor,  # queries (..., n_q, head_dim)
+              n_k: int | None = None,  # number of keys (default: as many as queries)
+             ) -> bool:
+    "Whether `F.scaled_dot_product_attention` is the faster path for `q`: yes, except for small bf16 attention on a CPU."
+    n_k = q.shape[-2] if n_k is None else n_k
+    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * n_k <= 512 * 512)
+
 # %% ../nbs/02_attention.ipynb #610b1d40
 class MultiHeadAttention(nn.Module):
     "Causal multi-head self-attention with one fused QKV projection; input and output (batch, tokens, d)."
@@ -97,7 +105,7 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)  # queries, keys and values of every head
         self.proj = nn.Linear(d_out, d_out)  # mixes the heads' outputs
         self.attn_drop = nn.Dropout(dropout)
-        self.use_sdpa = True  # False forces the explicit path (for comparisons)
+        self.use_sdpa = None  # None: the faster path for the inputs (`sdpa_pays`); True/False force one
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         "Queries, keys and values of `x` (b, T, d_in), each (b, n_heads, T, head_dim)."
@@ -111,7 +119,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{T} tokens exceed the context length {self.context_length}; pass at most "
                              f"{self.context_length} (e.g. x[:, -{self.context_length}:]).")
         q, k, v = self.split_heads(x)
-        if return_weights or not self.use_sdpa:
+        fused = sdpa_pays(q) if self.use_sdpa is None else self.use_sdpa
+        if return_weights or not fused:
             ctx, w = attend(q, k, v, causal_mask(T, device=x.device), self.attn_drop)
         else:  # the fused kernel: same result, never materialises the (T, T) weights
             ctx, w = F.scaled_dot_product_attention(

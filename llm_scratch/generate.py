@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import attend, sdpa_pays
 from .model import GPTModel
 
 # %% auto #0
@@ -99,7 +100,9 @@ def cached_attention(att, x: torch.Tensor, cache: KVCache, layer: int) -> torch.
     mask = None
     if T > 1:  # new token i sits at position pos + i and may see keys 0 .. pos + i
         mask = torch.ones(T, cache.pos + T, dtype=torch.bool, device=x.device).tril(diagonal=cache.pos)
-    ctx = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+    if sdpa_pays(q, k_all.shape[2]) if att.use_sdpa is None else att.use_sdpa:
+        ctx = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # mask: True where it may look
+    else: ctx = attend(q, k_all, v_all, None if mask is None else ~mask)[0]  # the explicit path (bf16 on a CPU)
     return att.proj(ctx.transpose(1, 2).reshape(b, T, att.d_out))
 
 def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
