@@ -18,3 +18,12 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_SCRATCH_CACHE", str(cache))
     return cache
 
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    "The environment of multi-process runs: one token cache per test module, CPU-only accelerate, the fast malloc."
+    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
+             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
+    e.pop("OMP_NUM_THREADS", None)  # accelerate gives each CPU process its share of the cores
+    return e

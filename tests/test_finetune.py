@@ -1,7 +1,6 @@
 """`llm_scratch_finetune` on several CPU processes (gloo, DDP through `accelerate launch`): every logged loss of
 two processes with batch b equals one process with batch 2b, for both tasks; and the command's errors."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,14 +9,6 @@ import pytest
 from llm_scratch.train import free_port, read_metrics
 
 BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
-             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
-    e.pop("OMP_NUM_THREADS", None)
-    return e
 
 
 def run(env, args, nproc=1, check=True):

@@ -89,14 +89,6 @@ BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "-
         "--batch-size", "4", "--max-steps", "6", "--save-every", "3"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
-             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
-    e.pop("OMP_NUM_THREADS", None)
-    return e
-
-
 def train(env, args, nproc=1):
     cmd = ([sys.executable, "-m", "llm_scratch.train", *args] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

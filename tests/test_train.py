@@ -19,15 +19,6 @@ BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "-
         "--log-every", "1", "--eval-every", "10", "--eval-batches", "2", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    "The environment of every run: one token cache for the module, CPU-only accelerate, the fast malloc."
-    e = dict(os.environ, LLM_SCRATCH_CACHE=str(tmp_path_factory.mktemp("cache")), ACCELERATE_USE_CPU="1",
-             MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
-    e.pop("OMP_NUM_THREADS", None)  # accelerate gives each CPU process its share of the cores
-    return e
-
-
 def command(args, nproc=1, launcher="accelerate"):
     "The command line that runs the trainer with `args` in `nproc` processes."
     if nproc == 1: return [sys.executable, "-m", "llm_scratch.train", *args]
