@@ -89,6 +89,12 @@ def open_page(browser, url):
     page.on("request", lambda r: outside.append(r.url)
             if not re.match(r"^(https?://127\.0\.0\.1[:/]|data:|blob:|about:)", r.url) else None)
     page.goto(url, wait_until="networkidle")
+    # widgets render after the page is idle; wait for every saved view, so that their errors count too
+    views = page.locator('script[type="application/vnd.jupyter.widget-view+json"]').count()
+    if views:
+        page.wait_for_function("n => document.querySelectorAll('.widget-subarea > *').length >= n",
+                               arg=views, timeout=30_000)
+        page.wait_for_timeout(500)
     return page, errors, outside
 
 
