@@ -71,7 +71,7 @@ def global_count(n: int | torch.Tensor, acc=None) -> torch.Tensor:
 
 def shared_loss(loss_sum: torch.Tensor, total: torch.Tensor, world: int = 1) -> torch.Tensor:
     "This process's part of the global mean loss: its sum over `total / world` (DDP then averages)."
-    return loss_sum / (total / world)
+    return loss_sum / (total.clamp(min=1) / world)  # no targets anywhere: a zero loss, not 0 / 0 = NaN
 
 # %% ../nbs/12_finetune.ipynb #452618e3
 TRAIN_CHOICES = ("head", "last-block", "all", "lora")
@@ -104,6 +104,7 @@ def step(model, optimizer, loss_fn, batch, acc=None, precision: str = "fp32", gr
     with autocast(device, precision): loss_sum, n = loss_fn(model, batch)
     total = global_count(n, acc)
     shared_loss(loss_sum, total, world).backward()
+    if total == 0: return float("nan")  # every target masked on every process: nothing to learn, no step
     if grad_clip > 0: torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     return (global_count(loss_sum.detach(), acc) / total).item()

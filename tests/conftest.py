@@ -3,6 +3,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore new random examples on every run; CI (.ci/run sets HYPOTHESIS_PROFILE=ci) replays a
+# fixed sequence instead, so that a red run can be re-run and a landing never waits on the dice.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 # The canonical files sit in ../shared/data beside the clone (CI and this project's machines).
