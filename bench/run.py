@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from llm_scratch import perf  # noqa: E402
 from llm_scratch.data import write_atomic  # noqa: E402
 from llm_scratch.model import GPTConfig, GPTModel, num_params  # noqa: E402
+from llm_scratch.train import make_optimizer, malloc_tuned, tune_malloc  # noqa: E402
 
 # model shapes: (name, GPTConfig keyword arguments); GPT-2's vocabulary throughout
 SHAPES = {
@@ -182,7 +183,7 @@ class Bench:
                 if compiled: log("torch.compile: every contender, compiled alike (the first steps compile)")
                 x, y = self.batch(cfg, b, t)
                 fused = self.dev.type == "cuda" or not self.args.no_fused
-                fns = {k: perf.step_fn(torch.compile(f) if compiled else f, perf.make_adamw(m, fused=fused), x, y, prec)
+                fns = {k: perf.step_fn(torch.compile(f) if compiled else f, make_optimizer(m, 6e-4, fused=fused), x, y, prec)
                        for k, (m, f) in models.items()}
                 log(f"train {shape} {prec} {b}x{t}{' compiled' if compiled else ''}: timing {', '.join(fns)} ...")
                 times = self.time(fns, self.p["repeats"], self.p["warmup"] + (2 if compiled else 0))
@@ -225,25 +226,25 @@ class Bench:
                          "intrinsic": True, "steps_s": ts})
             log(f"   with {w:,.0f} tok/s, without {wo:,.0f}: {rows[-1]['gain']:.2f}x")
         fused = self.dev.type == "cuda" or not self.args.no_fused
-        base = perf.step_fn(ours, perf.make_adamw(ours, fused=fused), x, y, prec)
+        base = perf.step_fn(ours, make_optimizer(ours, 6e-4, fused=fused), x, y, prec)
         for key, label in perf.LEVERS.items():
             if key == "sdpa_choice" and (self.dev.type != "cpu" or prec != "bf16"): continue  # the same model there
             p_key = "fp32" if key == "sdpa" and self.dev.type == "cpu" else prec  # bf16 on a CPU: explicit anyway
             other = perf.variant(ours, key)
-            ref = base if p_key == prec else perf.step_fn(ours, perf.make_adamw(ours, fused=fused), x, y, p_key)
-            pair(label, ref, perf.step_fn(other, perf.make_adamw(other, fused=fused), x, y, p_key), precision=p_key)
+            ref = base if p_key == prec else perf.step_fn(ours, make_optimizer(ours, 6e-4, fused=fused), x, y, p_key)
+            pair(label, ref, perf.step_fn(other, make_optimizer(other, 6e-4, fused=fused), x, y, p_key), precision=p_key)
             del other, ref; gc.collect()
         twin = copy.deepcopy(ours)
-        pair("fused AdamW", base, perf.step_fn(twin, perf.make_adamw(twin, fused=False), x, y, prec))
+        pair("fused AdamW", base, perf.step_fn(twin, make_optimizer(twin, 6e-4, fused=False), x, y, prec))
         rows[-1]["intrinsic"] = False
         if prec == "bf16":
-            pair("bf16 autocast (vs fp32)", base, perf.step_fn(twin, perf.make_adamw(twin, fused=fused), x, y, "fp32"))
+            pair("bf16 autocast (vs fp32)", base, perf.step_fn(twin, make_optimizer(twin, 6e-4, fused=fused), x, y, "fp32"))
             rows[-1]["intrinsic"] = False
         del twin; gc.collect()
         if self.p["compile_lever"]:
             try:
                 t0 = time.perf_counter()
-                cstep = perf.step_fn(torch.compile(ours), perf.make_adamw(ours, fused=fused), x, y, prec)
+                cstep = perf.step_fn(torch.compile(ours), make_optimizer(ours, 6e-4, fused=fused), x, y, prec)
                 cstep(); self.sync()
                 compile_s = time.perf_counter() - t0
                 log(f"   torch.compile: first step {compile_s:.0f} s")
@@ -402,8 +403,8 @@ class Bench:
 
     def run(self):
         self.t0 = time.perf_counter()
-        if perf.malloc_tuned(): self.malloc = "MALLOC_MMAP_MAX_=0 in the environment"
-        elif not self.args.no_tune_malloc and perf.tune_malloc(): self.malloc = "tuned by perf.tune_malloc()"
+        if malloc_tuned(): self.malloc = "MALLOC_MMAP_MAX_=0 in the environment"
+        elif not self.args.no_tune_malloc and tune_malloc(): self.malloc = "tuned by tune_malloc()"
         else: self.malloc = "glibc defaults"
         sections = self.args.sections.split(",")
         self.peak()  # always: the MFU needs it
@@ -422,13 +423,13 @@ def probe(args):
     "One child process of the allocator lever: our model's training step tokens/s, as JSON on stdout."
     shape, b, t, prec = args.probe.split(",")
     b, t = int(b), int(t)
-    if not args.no_tune_malloc and not perf.malloc_tuned(): perf.tune_malloc()
+    if not args.no_tune_malloc and not malloc_tuned(): tune_malloc()
     cfg = config(shape)
     torch.manual_seed(0)
     m = GPTModel(cfg)
     x, y = torch.randint(0, cfg.vocab_size, (2, b, t), generator=torch.Generator().manual_seed(2)).unbind(0)
     clock = time.process_time if args.cpu_time else time.perf_counter
-    ts = perf.interleaved({"ours": perf.step_fn(m, perf.make_adamw(m, fused=True), x, y, prec)}, 3, 2,
+    ts = perf.interleaved({"ours": perf.step_fn(m, make_optimizer(m, 6e-4, fused=True), x, y, prec)}, 3, 2,
                           clock=clock)["ours"]
     print(json.dumps({"tokens_per_s": b * t / med(ts), "steps_s": ts}))
 

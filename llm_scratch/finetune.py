@@ -26,7 +26,7 @@ from .instruct import (collate_instructions, evaluate_responses, generate_respon
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
-from .train import (MALLOC_TIP, RunError, autocast, core_model, make_accelerator, make_optimizer,
+from .train import (MALLOC_TIP, RunError, tune_malloc, autocast, core_model, make_accelerator, make_optimizer,
                                plot_metrics, read_metrics, reset_accelerate, wrap_model)
 from .weights import load_gpt2
 
@@ -361,6 +361,7 @@ def run(args: argparse.Namespace) -> dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     "The `llm_scratch_finetune` command: parse the options, fine-tune, return the exit status."
     args = parse_args(argv)
+    if "MALLOC_MMAP_MAX_" not in os.environ: tune_malloc()  # a setting in the environment wins
     try: results = run(args)
     except (RunError, FetchError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0: print(f"llm_scratch_finetune: error: {e}", file=sys.stderr)

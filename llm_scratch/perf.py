@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from .model import GPTConfig, GPTModel
 from .weights import config_to_hf, hf_state_dict
 from .pretrain import calc_loss_batch
-from .train import flops_per_token
+from .train import flops_per_token, make_optimizer, malloc_tuned, tune_malloc
 
 # %% auto #0
 __all__ = ['LEVERS', 'interleaved', 'matmul_flops', 'copy_bandwidth', 'train_flops', 'mfu', 'to_hf', 'anchor_config',
-           'anchor_state_dict', 'to_anchor', 'make_adamw', 'step_fn', 'NaiveLayerNorm', 'NaiveGELU', 'SplitQKV',
-           'variant', 'tune_malloc', 'malloc_tuned', 'anchor_generate', 'hf_generate', 'load_results', 'machine_info',
-           'train_table', 'generate_table', 'lever_table', 'target_table', 'plot_sizes']
+           'anchor_state_dict', 'to_anchor', 'step_fn', 'NaiveLayerNorm', 'NaiveGELU', 'SplitQKV', 'variant',
+           'anchor_generate', 'hf_generate', 'load_results', 'machine_info', 'train_table', 'generate_table',
+           'lever_table', 'target_table', 'plot_sizes']
 
 # %% ../nbs/90_performance.ipynb #b45ccc3e
 def interleaved(fns: dict[str, Callable[[], object]],  # name -> a function to time
@@ -173,13 +173,6 @@ def to_anchor(model: GPTModel, kv_cache: bool = False) -> nn.Module:
     return ref.to(device=p.device, dtype=p.dtype).train(model.training)
 
 # %% ../nbs/90_performance.ipynb #fbd65252
-def make_adamw(model: nn.Module, lr: float = 6e-4, weight_decay: float = 0.1, fused: bool = False):
-    "AdamW as `llm_scratch.train.make_optimizer` builds it (decay on matrices only), optionally fused."
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-
 def step_fn(forward: Callable[[torch.Tensor], torch.Tensor],  # token ids -> logits
             optimizer: torch.optim.Optimizer,
             x: torch.Tensor, y: torch.Tensor,  # a batch of inputs and targets, (batch, tokens), on the device
@@ -245,19 +238,6 @@ def variant(model: GPTModel, without: str) -> GPTModel:
             b.ln1, b.ln2, b.ff.act = NaiveLayerNorm(b.ln1), NaiveLayerNorm(b.ln2), NaiveGELU()
     if without == "fused_ops": out.final_norm = NaiveLayerNorm(out.final_norm)
     return out
-
-# %% ../nbs/90_performance.ipynb #254f3c07
-def tune_malloc() -> bool:
-    "Make glibc's malloc keep freed memory (no mmap for big blocks, no trimming); False where there is no glibc."
-    try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError: return False
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"): return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-def malloc_tuned() -> bool:
-    "Whether the environment asked glibc to keep freed memory (MALLOC_MMAP_MAX_=0)."
-    return os.environ.get("MALLOC_MMAP_MAX_") == "0"
 
 # %% ../nbs/90_performance.ipynb #de492ee9
 @torch.no_grad()

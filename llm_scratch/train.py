@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import hashlib
 import json
@@ -47,7 +49,7 @@ __all__ = ['MALLOC_TIP', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file
            'clip_grad_norm', 'train_step', 'save_state', 'load_state', 'latest_checkpoint', 'full_model',
            'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics',
            'model_config', 'holdings', 'check_out', 'validate', 'Run', 'start_run', 'save_run', 'finish_run', 'train',
-           'free_port', 'main']
+           'free_port', 'tune_malloc', 'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #2ca71503
 def safe_cut(text: str, start: int) -> int:
@@ -271,8 +273,8 @@ class TrainConfig:
         if not 0 < self.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 # %% ../nbs/07_train.ipynb #064e2dfc
-MALLOC_TIP = ("On Linux CPUs, glibc's allocator can make training 2-3x slower; start the run with "
-              "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 in the environment (the Makefile does).")
+MALLOC_TIP = ("On Linux, glibc's allocator can make CPU training 2-3x slower; the command keeps freed memory, as "
+              "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 would, unless MALLOC_MMAP_MAX_ is set.")
 
 def build_parser() -> argparse.ArgumentParser:
     "The command-line parser of `llm_scratch_train`, one option per `TrainConfig` field."
@@ -373,12 +375,15 @@ def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
 
 
 # %% ../nbs/07_train.ipynb #4d805422
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
-    "AdamW with weight decay on parameters of 2 or more dimensions only."
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    "AdamW with weight decay on parameters of 2 or more dimensions only; fused where PyTorch has the kernel."
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    if fused is None:  # the fused kernel refuses a mix of DTensor shards and plain tensors (tensor parallelism)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) and len({isinstance(p, DTensor) for p in params}) < 2
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 # %% ../nbs/07_train.ipynb #56644996
 def autocast(device: torch.device, precision: str):
@@ -758,10 +763,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
+# %% ../nbs/07_train.ipynb #1bff95af
+def tune_malloc() -> bool:
+    "Make glibc's malloc keep freed memory (no mmap for big blocks, no trimming); False where there is no glibc."
+    try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError: return False
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"): return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+def malloc_tuned() -> bool:
+    "Whether the environment asked glibc to keep freed memory (MALLOC_MMAP_MAX_=0)."
+    return os.environ.get("MALLOC_MMAP_MAX_") == "0"
+
 # %% ../nbs/07_train.ipynb #c8fcbb74
 def main(argv: Sequence[str] | None = None) -> int:
     "The `llm_scratch_train` command: parse the options, train, return the exit status."
     cfg = parse_args(argv)
+    if "MALLOC_MMAP_MAX_" not in os.environ: tune_malloc()  # a setting in the environment wins
     try: train(cfg)
     except (RunError, FetchError, FileNotFoundError) as e:
         if int(os.environ.get("RANK", "0")) == 0: print(f"llm_scratch_train: error: {e}", file=sys.stderr)
