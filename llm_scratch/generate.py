@@ -5,6 +5,8 @@
 # %% ../nbs/06_generate.ipynb #9768bcb2
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ from .model import GPTModel
 
 # %% auto #0
 __all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'cached_attention',
-           'forward_with_cache', 'generate']
+           'forward_with_cache', 'generate', 'decode_layout']
 
 # %% ../nbs/06_generate.ipynb #fcc8ce72
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -162,3 +164,16 @@ def generate(model: GPTModel,
     finally:
         model.train(was_training)
     return idx
+
+# %% ../nbs/06_generate.ipynb #aa7c713c
+@contextlib.contextmanager
+def decode_layout(model: torch.nn.Module):
+    "Inside the block, the model's float32 CPU matrices are stored (in, out): faster one-token steps, same results."
+    mats = [p for p in model.parameters() if p.dim() == 2 and p.dtype == torch.float32
+            and p.device.type == "cpu" and p.is_contiguous()]
+    with torch.no_grad():
+        for p in mats: p.data = p.data.t().contiguous().t()  # the same (out, in) tensor, stored column by column
+    try: yield model
+    finally:
+        with torch.no_grad():
+            for p in mats: p.data = p.data.contiguous()

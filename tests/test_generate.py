@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from llm_scratch.generate import (KVCache, forward_with_cache, generate, sample_next, top_k_filter,
-                                  top_p_filter)
+from llm_scratch.generate import (KVCache, decode_layout, forward_with_cache, generate, sample_next,
+                                  top_k_filter, top_p_filter)
 from llm_scratch.model import GPTConfig, GPTModel
 
 
@@ -27,6 +27,26 @@ def test_kv_cache_gives_the_uncached_tokens(seed, kw, prompt_len, new):
     b = generate(model, prompt, new, use_cache=True)
     assert torch.equal(a, b)
     assert a.shape == (2, prompt_len + new)
+
+
+@pytest.mark.parametrize("seed,kw", [(0, {}), (2, dict(tie_weights=False, n_layers=3))])
+def test_decode_layout_keeps_the_tokens_and_restores_the_parameters(seed, kw):
+    model = tiny(seed, **kw)
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(seed))
+    plain = generate(model, prompt, 30, use_cache=False)
+    sampled = generate(model, prompt, 30, temperature=1.0, top_k=10, seed=5)
+    with decode_layout(model):
+        assert model.out_head.weight.stride() == (1, model.cfg.vocab_size)
+        assert torch.equal(generate(model, prompt, 30, use_cache=True), plain)
+        assert torch.equal(generate(model, prompt, 30, temperature=1.0, top_k=10, seed=5), sampled)
+    for n, p in model.named_parameters():  # the same Parameter objects, values and usual layout again
+        assert p is before[n][0] and p.is_contiguous() and torch.equal(p, before[n][1]), n
+    with pytest.raises(RuntimeError, match="boom"):
+        with decode_layout(model): raise RuntimeError("boom")
+    assert all(p.is_contiguous() for p in model.parameters())  # restored after an error too
+    half = tiny(seed, **kw).to(torch.bfloat16)
+    with decode_layout(half): assert all(p.is_contiguous() for p in half.parameters())  # bf16: left alone
 
 
 def test_cached_sampling_matches_uncached_with_the_same_seed():
