@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import fetch, write_atomic
-from .generate import generate
+from .generate import decode_layout, generate
 
 # %% auto #0
 __all__ = ['INSTRUCTION_KEYS', 'PREAMBLE', 'RESPONSE_HEADER', 'EOT', 'validate_records', 'load_instructions', 'format_prompt',
@@ -178,12 +178,13 @@ def generate_responses(model, records: Sequence[dict], tokenizer,
     groups = defaultdict(list)
     for i, p in enumerate(prompts): groups[len(p)].append(i)
     answers = {}
-    for n, idx in groups.items():
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s:s + batch_size]
-            ids = torch.tensor([prompts[i] for i in chunk], device=device)
-            out = generate(model, ids, max_new_tokens, eos_id=tokenizer.eot_token, **gen_kw)
-            for i, row in zip(chunk, out[:, n:].tolist()): answers[i] = extract_response(tokenizer.decode(row))
+    with decode_layout(model):  # float32 on a CPU: weights stored (in, out) while decoding, same tokens
+        for n, idx in groups.items():
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s:s + batch_size]
+                ids = torch.tensor([prompts[i] for i in chunk], device=device)
+                out = generate(model, ids, max_new_tokens, eos_id=tokenizer.eot_token, **gen_kw)
+                for i, row in zip(chunk, out[:, n:].tolist()): answers[i] = extract_response(tokenizer.decode(row))
     return [{**r, key: answers[i]} for i, r in enumerate(records)]
 
 # %% ../nbs/10_instruct.ipynb #d23e7184

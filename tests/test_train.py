@@ -161,3 +161,19 @@ def test_the_8_gpu_config_parses():
     assert (cfg.model, cfg.context_length, cfg.precision, cfg.compile, cfg.max_steps) == ("gpt2-small", 1024, "bf16",
                                                                                           True, 10)
     assert cfg.batch_size * cfg.grad_accum * 8 * cfg.context_length == 491_520  # nanoGPT's tokens per step
+
+
+@pytest.mark.parametrize("env_value", [None, "65536"])
+def test_the_commands_tune_the_allocator_unless_the_environment_chose(monkeypatch, tmp_path, capsys, env_value):
+    import llm_scratch.finetune as finetune
+    import llm_scratch.train as train
+    calls = []
+    monkeypatch.setattr(train, "tune_malloc", lambda: calls.append("train") or True)
+    monkeypatch.setattr(finetune, "tune_malloc", lambda: calls.append("finetune") or True)
+    if env_value is None: monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    else: monkeypatch.setenv("MALLOC_MMAP_MAX_", env_value)
+    # both runs stop at a clear error (exit 2) after the allocator step, before any training
+    assert train.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")]) == 2
+    assert finetune.main(["classify", "--init", "gtp2-small", "--out", str(tmp_path / "ft")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert calls == ([] if env_value else ["train", "finetune"])
