@@ -123,7 +123,8 @@ class AttentionExplorer(widgets.VBox):
         if compute is not None:
             self.text = widgets.Text(value=text, description="Text", layout=widgets.Layout(width="520px"),
                                      placeholder="type a text, then Run (needs a live Python kernel)")
-            self.run = widgets.Button(description="Run", tooltip="re-run the model on this text")
+            self.run = widgets.Button(description="Run", tooltip="re-run the model on this text (needs a live Python "
+                                      "kernel: in the static book, open the notebook in Jupyter)")
             self.run.on_click(lambda _: self.update(*self.compute(self.text.value)))
             controls.append(widgets.HBox([self.text, self.run]))
         super().__init__(children=[*controls, self.stack])
