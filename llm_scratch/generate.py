@@ -169,8 +169,8 @@ def generate(model: GPTModel,
 @contextlib.contextmanager
 def decode_layout(model: torch.nn.Module):
     "Inside the block, the model's float32 CPU matrices are stored (in, out): faster one-token steps, same results."
-    mats = [p for p in model.parameters() if p.dim() == 2 and p.dtype == torch.float32
-            and p.device.type == "cpu" and p.is_contiguous()]
+    mats = [p for p in model.parameters() if p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
+            and p.is_contiguous() and type(p.data) is torch.Tensor]  # plain tensors: not a sharded DTensor
     with torch.no_grad():
         for p in mats: p.data = p.data.t().contiguous().t()  # the same (out, in) tensor, stored column by column
     try: yield model
