@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from .model import GPTConfig, GPTModel
 from .weights import config_to_hf, hf_state_dict
 from .pretrain import calc_loss_batch
-from .train import flops_per_token, make_optimizer, malloc_tuned, tune_malloc
+from .train import flops_per_token, make_optimizer
 
 # %% auto #0
 __all__ = ['LEVERS', 'interleaved', 'matmul_flops', 'copy_bandwidth', 'train_flops', 'mfu', 'to_hf', 'anchor_config',
@@ -299,14 +297,17 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
 def _fmt(v, spec="{:,.0f}"):
     return "-" if v is None else spec.format(v)
 
+def _per_impl(impls: dict, key: str) -> dict:
+    "`key` of each implementation's results (ours, anchor, HF), None for one that was not run."
+    return {k: impls[k][key] if k in impls else None for k in ("ours", "anchor", "hf")}
+
 def train_table(res: dict) -> str:
     "The training results as a text table: tokens/s and MFU per implementation, and our speed-ups."
     lines = [f"{'model':8} {'prec':5} {'batch':>8} {'ours tok/s':>11} {'anchor':>9} {'HF':>9} "
              f"{'x anchor':>9} {'x HF':>6} {'MFU ours':>9} {'anchor':>7} {'HF':>6}"]
     for r in res["train"]:
         i = r["impls"]
-        tps = {k: i[k]["tokens_per_s"] if k in i else None for k in ("ours", "anchor", "hf")}
-        mf = {k: i[k]["mfu"] if k in i else None for k in ("ours", "anchor", "hf")}
+        tps, mf = _per_impl(i, "tokens_per_s"), _per_impl(i, "mfu")
         ra = r["ratios"]
         name = r["model"] + ("*" if r.get("compiled") else "")  # * torch.compile'd
         lines.append(f"{name:8} {r['precision']:5} {r['batch']:>3}x{r['tokens']:<4}{_fmt(tps['ours']):>11} "
@@ -321,7 +322,7 @@ def generate_table(res: dict) -> str:
              f"{'same tokens':>12} {'bound':>7}"]
     for r in res["generate"]:
         i, ra = r["impls"], r["ratios"]
-        tps = {k: i[k]["tokens_per_s"] if k in i else None for k in ("ours", "anchor", "hf")}
+        tps = _per_impl(i, "tokens_per_s")
         same = "/".join(f"{i[k]['agree']:.0%}" for k in ("anchor", "hf") if k in i)
         lines.append(f"{r['model']:8} {r['precision']:5} {_fmt(tps['ours'], '{:,.1f}'):>11} "
                      f"{_fmt(tps['anchor'], '{:,.1f}'):>9} {_fmt(tps['hf'], '{:,.1f}'):>9} "
