@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['DATASETS', 'RemoteFile', 'Dataset', 'cache_dir', 'mirror_dir', 'sha256sum', 'FetchError', 'ChecksumError',
-           'write_atomic', 'download', 'copy_from_mirror', 'fetch_file', 'fetch']
+           'write_atomic', 'TooLargeError', 'copy_capped', 'download', 'copy_from_mirror', 'fetch_file', 'fetch']
 
 # %% ../nbs/00_data.ipynb #864b1b2c
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class RemoteFile:
     url: str  # canonical download address
     sha256: str | None  # checksum of the file's bytes (of the extracted member, for zips); None: not pinned
     member: str | None = None  # the file to extract when `url` is a zip archive
+    size: int | None = None  # bytes of the file (of the extracted member): a download may not grow past it
 
 @dataclass(frozen=True)
 class Dataset:
@@ -48,25 +49,26 @@ _OAI = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset("the-verdict", (RemoteFile(
         "the-verdict.txt", f"{_GH}/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
-        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),),
+        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", size=20_479),),
         'Edith Wharton, "The Verdict" (1908): a 20 kB short story, public domain'),
     Dataset("tinyshakespeare", (RemoteFile(
         "tinyshakespeare.txt", f"{_GH}/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),),
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", size=1_115_394),),
         "Tiny Shakespeare: 40,000 lines of the plays, 1.1 MB"),
     Dataset("sms-spam", (RemoteFile(
         "SMSSpamCollection.tsv", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d", member="SMSSpamCollection"),),
+        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d", member="SMSSpamCollection",
+        size=477_907),),
         "SMS Spam Collection v.1 (Almeida & Gomez Hidalgo, 2011): 5,574 labelled messages, label<TAB>text"),
     Dataset("instruction-data", (RemoteFile(
         "instruction-data.json", f"{_GH}/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
-        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"),),
+        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", size=203_524),),
         "1,100 instruction / input / output records in the Alpaca format"),
     Dataset("gpt2-vocab", (
         RemoteFile("gpt2/encoder.json", f"{_OAI}/encoder.json",
-                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", size=1_042_301),
         RemoteFile("gpt2/vocab.bpe", f"{_OAI}/vocab.bpe",
-                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")),
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", size=456_318)),
         "GPT-2's byte-pair vocabulary: encoder.json (token -> id) and vocab.bpe (merges in rank order)"),
 ]}
 
@@ -76,9 +78,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLM_SCRATCH_CACHE") or Path.home() / ".cache" / "llm_scratch").expanduser()
 
 def mirror_dir() -> Path | None:
-    "The offline mirror named by `$LLM_SCRATCH_DATA`, if any."
+    "The offline mirror named by `$LLM_SCRATCH_DATA`, if any; an error if it names no folder."
     d = os.environ.get("LLM_SCRATCH_DATA")
-    return Path(d).expanduser() if d else None
+    if not d: return None
+    path = Path(d).expanduser()
+    if not path.is_dir():
+        raise FetchError(f"LLM_SCRATCH_DATA={d!r} is not a folder; point it at the folder that holds the "
+                         "mirrored files, or unset it to download them")
+    return path
 
 # %% ../nbs/00_data.ipynb #b5be9a75
 def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -115,10 +122,20 @@ def _install(tmp: Path, dest: Path, rf: RemoteFile, source: str):
     os.replace(tmp, dest)
 
 # %% ../nbs/00_data.ipynb #3d6c1b6b
+def _umask() -> int:
+    "The process's file-creation mask (read by setting it and putting it back)."
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
 def _tempfile_beside(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
+    "An empty temp file in `dest`'s folder, with the permissions the umask gives a new file (not mkstemp's 0600)."
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise FetchError(f"cannot write in {dest.parent} ({e.strerror or e}); make it writable, or point "
+                         "LLM_SCRATCH_CACHE (downloads) or --out (runs) at a folder you can write") from e
+    os.fchmod(fd, 0o666 & ~_umask()); os.close(fd)
     return Path(name)
 
 def write_atomic(dest: str | os.PathLike, write) -> Path:
@@ -127,19 +144,34 @@ def write_atomic(dest: str | os.PathLike, write) -> Path:
     tmp = _tempfile_beside(dest)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # again: a writer may have replaced the file (safetensors does)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest
 
-def _stream(url: str, out, timeout: float = 30, progress: bool = True):
-    "Copy the body of `url` into the open binary file `out`, with a progress bar."
+class TooLargeError(FetchError):
+    "A download grew past the size the registry gives for the file."
+
+def copy_capped(src, out, limit: int | None, what: str, progress=None) -> int:
+    "Copy the binary stream `src` into `out`, refusing to write more than `limit` bytes (None: no limit)."
+    n = 0
+    while block := src.read(1 << 16):
+        n += len(block)
+        if limit is not None and n > limit:
+            raise TooLargeError(f"{what} is larger than the {limit:,} bytes the registry expects; stopped reading. "
+                                "The file changed upstream, or the server sent something else.")
+        out.write(block)
+        if progress is not None: progress.update(len(block))
+    return n
+
+def _stream(url: str, out, timeout: float = 30, progress: bool = True, limit: int | None = None):
+    "Copy the body of `url` into the open binary file `out` (at most `limit` bytes), with a progress bar."
     with urllib.request.urlopen(url, timeout=timeout) as r:
         total = int(r.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=url.rsplit("/", 1)[-1], disable=not progress, leave=False) as bar:
-            while block := r.read(1 << 16):
-                out.write(block); bar.update(len(block))
+            copy_capped(r, out, limit, url, bar)
 
 def download(rf: RemoteFile, dest: Path, progress: bool = True) -> Path:
     "Download `rf.url` to `dest`, extracting `rf.member` from a zip; verify and write atomically."
@@ -147,11 +179,12 @@ def download(rf: RemoteFile, dest: Path, progress: bool = True) -> Path:
     try:
         try:
             with open(tmp, "wb") as out:
-                if rf.member is None: _stream(rf.url, out, progress=progress)
-                else:
+                if rf.member is None: _stream(rf.url, out, progress=progress, limit=rf.size)
+                else:  # the archive is compressed, so only its extracted member is capped
                     with tempfile.TemporaryFile() as zbuf:
                         _stream(rf.url, zbuf, progress=progress)
-                        with zipfile.ZipFile(zbuf) as z, z.open(rf.member) as m: shutil.copyfileobj(m, out)
+                        with zipfile.ZipFile(zbuf) as z, z.open(rf.member) as m:
+                            copy_capped(m, out, rf.size, f"{rf.member} in {rf.url}")
         except (urllib.error.URLError, OSError, zipfile.BadZipFile, KeyError) as e:
             raise FetchError(
                 f"Could not download {rf.url} ({e}). If this machine is offline, put the file in a "

@@ -127,3 +127,43 @@ def test_mirror_with_a_bad_file_raises_and_caches_nothing(tmp_path, fresh_cache,
     with pytest.raises(ChecksumError):
         fetch("the-verdict", progress=False)
     assert _files_in(fresh_cache) == []
+
+
+def test_a_zip_bomb_is_cut_off_at_the_registered_size(server, fresh_cache, monkeypatch):
+    www, base = server
+    bomb = b"\0" * 50_000_000  # compresses to about 50 kB
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z: z.writestr("SMSSpamCollection", bomb)
+    assert len(buf.getvalue()) < 100_000
+    (www / "sms.zip").write_bytes(buf.getvalue())
+    monkeypatch.delenv("LLM_SCRATCH_DATA", raising=False)
+    rf = RemoteFile("SMSSpamCollection.tsv", f"{base}/sms.zip", "0" * 64, member="SMSSpamCollection", size=1_000)
+    monkeypatch.setitem(DATASETS, "sms-spam", data.Dataset("sms-spam", (rf,)))
+    with pytest.raises(data.TooLargeError, match="larger than the 1,000 bytes"): fetch("sms-spam", progress=False)
+    assert _files_in(fresh_cache) == []  # not 50 MB on disk before the checksum could say no
+
+
+def test_a_download_longer_than_its_registered_size_stops(server, fresh_cache, monkeypatch):
+    www, base = server
+    (www / "big.bin").write_bytes(b"x" * 200_000)
+    monkeypatch.delenv("LLM_SCRATCH_DATA", raising=False)
+    monkeypatch.setitem(DATASETS, "big", data.Dataset("big", (RemoteFile("big.bin", f"{base}/big.bin", "0" * 64,
+                                                                        size=100),)))
+    with pytest.raises(data.TooLargeError): fetch("big", progress=False)
+    assert _files_in(fresh_cache) == []
+
+
+def test_every_registered_file_has_its_size():
+    for ds in DATASETS.values():
+        for rf in ds.files: assert rf.size is not None and rf.size > 0, rf.path
+
+
+@pytest.mark.skipif(not MIRROR, reason="no data mirror: set LLM_SCRATCH_DATA")
+def test_registered_sizes_match_the_mirror():
+    for ds in DATASETS.values():
+        for rf in ds.files: assert (Path(MIRROR) / rf.path).stat().st_size == rf.size, rf.path
+
+
+def test_a_mirror_that_is_not_a_folder_is_named(tmp_path, fresh_cache, monkeypatch):
+    monkeypatch.setenv("LLM_SCRATCH_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FetchError, match=r"LLM_SCRATCH_DATA='.*nowhere' is not a folder"): fetch("the-verdict")
