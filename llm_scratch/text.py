@@ -24,8 +24,8 @@ from .data import fetch
 
 # %% auto #0
 __all__ = ['WORD_RE', 'GPT2_PATTERN', 'split_words', 'SimpleTokenizer', 'count_words', 'count_pairs', 'merge_pair',
-           'train_bpe_naive', 'train_bpe', 'bpe_encode_piece', 'bytes_to_unicode', 'BPETokenizer', 'gpt2_tokenizer',
-           'GPTDataset', 'create_dataloader']
+           'train_bpe_naive', 'train_bpe', 'bpe_encode_piece', 'bpe_encode_piece_fast', 'bytes_to_unicode',
+           'BPETokenizer', 'gpt2_tokenizer', 'GPTDataset', 'create_dataloader']
 
 # %% ../nbs/01_text.ipynb #7b5047ee
 WORD_RE = re.compile(r'([,.:;?_!"()\']|--|\s)')
@@ -173,6 +173,32 @@ def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
         parts[at:at + 2] = [parts[at] + parts[at + 1]]
     return [ranks[p] for p in parts]
 
+# %% ../nbs/01_text.ipynb #ce3bc95f
+def bpe_encode_piece_fast(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    "`bpe_encode_piece` in O(n log n): candidate merges in a heap by (rank, position), stale ones skipped."
+    if piece in ranks or not piece: return [ranks[piece]] if piece else []
+    n = len(piece)
+    parts = [piece[i:i + 1] for i in range(n)]  # the token starting at byte i (while i is alive)
+    nxt, prv, version = list(range(1, n + 1)), list(range(-1, n - 1)), [0] * n
+    nxt[-1] = -1
+    def candidate(i):  # the merge of token i with its right neighbour, if that pair is a token
+        j = nxt[i]
+        if j != -1 and (r := ranks.get(parts[i] + parts[j])) is not None: return (r, i, j, version[i], version[j])
+    heap = [c for i in range(n - 1) if (c := candidate(i))]
+    heapq.heapify(heap)
+    while heap:
+        _, i, j, vi, vj = heapq.heappop(heap)
+        if version[i] != vi or version[j] != vj or nxt[i] != j: continue  # a merge since changed i or j
+        parts[i] += parts[j]
+        version[i] += 1; version[j] += 1  # j is gone: its entries are stale now
+        nxt[i] = nxt[j]
+        if nxt[i] != -1: prv[nxt[i]] = i
+        for c in (candidate(prv[i]) if prv[i] != -1 else None, candidate(i)):
+            if c: heapq.heappush(heap, c)
+    ids, i = [], 0
+    while i != -1: ids.append(ranks[parts[i]]); i = nxt[i]
+    return ids
+
 # %% ../nbs/01_text.ipynb #fb80a655
 def bytes_to_unicode() -> dict[int, str]:
     "GPT-2's map from each byte to the printable character that spells it in `encoder.json`."
@@ -253,7 +279,7 @@ class BPETokenizer:
         if len(cache) > 200_000: cache.clear()
         for piece in self._re.findall(text):
             ids = cache.get(piece)
-            if ids is None: ids = cache[piece] = bpe_encode_piece(piece.encode("utf-8"), self.ranks)
+            if ids is None: ids = cache[piece] = bpe_encode_piece_fast(piece.encode("utf-8"), self.ranks)
             out.extend(ids)
         return out
 

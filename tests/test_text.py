@@ -332,3 +332,20 @@ def test_dataloader_other_tokenizer(bard, shakespeare):
     dl = create_dataloader(shakespeare[:5000], batch_size=2, context_length=16, tokenizer=bard, shuffle=False)
     x, y = next(iter(dl))
     assert x[0].tolist() == bard.encode(shakespeare[:5000])[:16]
+
+
+def test_a_long_run_of_one_letter_encodes_like_tiktoken_and_fast(gpt2, ref):
+    import time
+    for text in ["a" * 100_000, " " + "=" * 60_000, "ab" * 40_000]:
+        t0 = time.perf_counter()
+        ids = gpt2.encode_ordinary(text)
+        took = time.perf_counter() - t0
+        assert ids == ref.encode_ordinary(text)
+        assert took < 5, f"{took:.1f} s for {len(text):,} characters"  # the quadratic merge took about 6 minutes
+
+
+@SETTINGS
+@given(st.binary(max_size=40) | st.text(alphabet="ab =\u00e9\u4e2d", max_size=60).map(lambda s: s.encode()))
+def test_the_heap_merge_matches_the_naive_merge(gpt2, piece):
+    from llm_scratch.text import bpe_encode_piece, bpe_encode_piece_fast
+    assert bpe_encode_piece_fast(piece, gpt2.ranks) == bpe_encode_piece(piece, gpt2.ranks)
