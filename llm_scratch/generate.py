@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,24 @@ def sample_next(logits: torch.Tensor,  # (batch, vocab) scores for the next toke
 
 # %% ../nbs/06_generate.ipynb #f31a7613
 def _check_decoding(max_new_tokens, temperature, top_k, top_p):
-    if max_new_tokens < 0: raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1: raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    "A `ValueError` naming the argument for any setting `generate` cannot honour."
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, Real) or not 0 <= temperature < math.inf:  # NaN fails both
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
+        raise ValueError(f"top_k must be an integer of at least 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+def _check_prompt(idx: torch.Tensor, vocab_size: int):
+    "A `ValueError` naming `idx` unless it is a non-empty (batch, tokens) tensor of ids in the vocabulary."
+    if idx.dim() != 2: raise ValueError(f"idx must be (batch, tokens), got shape {tuple(idx.shape)}; use idx[None]")
+    if idx.numel() == 0: raise ValueError(f"idx is an empty prompt (shape {tuple(idx.shape)}); give at least one token")
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool: raise ValueError(f"idx must hold integer ids, got {idx.dtype}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"idx holds token ids outside the vocabulary [0, {vocab_size}): {lo if lo < 0 else hi}")
 
 def _uncached_step(model, idx: torch.Tensor, state) -> tuple[torch.Tensor, None]:
     "Logits for the last position from a full forward pass over (at most) the last context_length tokens."
@@ -146,7 +162,7 @@ def generate(model: GPTModel,
              seed: int | None = None) -> torch.Tensor:  # seeds a fresh generator, if none is given
     "Extend `idx` by up to `max_new_tokens` tokens; returns (batch, tokens + new)."
     _check_decoding(max_new_tokens, temperature, top_k, top_p)
-    if idx.dim() != 2: raise ValueError(f"idx must be (batch, tokens), got shape {tuple(idx.shape)}; use idx[None]")
+    _check_prompt(idx, model.cfg.vocab_size)
     if generator is None and seed is not None: generator = torch.Generator(device=idx.device).manual_seed(seed)
     step = _cached_step if use_cache else _uncached_step
     was_training, state = model.training, None

@@ -143,3 +143,21 @@ def test_greedy_generation_matches_hugging_face_on_a_gpt2_checkpoint(tmp_path):
                       pad_token_id=0)
     assert torch.equal(generate(ours, prompt, 30), ref)
     assert torch.equal(generate(ours, prompt, 30, use_cache=False), ref)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "idx is an empty prompt"),
+    (dict(idx=torch.tensor([[1, 64]])), r"idx holds token ids outside the vocabulary \[0, 64\): 64"),
+    (dict(idx=torch.tensor([[1, -1]])), "outside the vocabulary.*: -1"),
+    (dict(idx=torch.tensor([[1.0, 2.0]])), "idx must hold integer ids"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(top_k="5"), "top_k must be an integer"),
+    (dict(top_p=float("nan")), "top_p must be in"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an integer"),
+])
+def test_generate_names_the_argument_it_cannot_use(bad, msg):
+    model = tiny(0, vocab_size=64)
+    with pytest.raises(ValueError, match=msg):
+        generate(model, **{"idx": torch.tensor([[1, 2]]), "max_new_tokens": 3, **bad})
