@@ -10,6 +10,7 @@ import os
 import random
 import re
 import string
+import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
@@ -286,13 +287,25 @@ def judge_prompt(prompt: str, reference: str, response: str) -> str:
             f"`{response}` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
 
 def parse_score(reply: str) -> float | None:
-    "The first number in `reply` if it lies in 0..100, else None."
-    m = re.search(r"\d+(?:\.\d+)?", reply)
+    "The first number in `reply` (its sign included) if it lies in 0..100, else None."
+    m = re.search(r"[-+]?\d+(?:\.\d+)?", reply)
     if m is None: return None
     s = float(m.group())
     return s if 0 <= s <= 100 else None
 
 # %% ../nbs/10_instruct.ipynb #d7910d27
+def _read_by(response, deadline: float) -> bytes:
+    "The whole body of `response`, or `TimeoutError` once the clock passes `deadline` (a trickle does not reset it)."
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0: raise TimeoutError("deadline passed")
+        if sock is not None: sock.settimeout(left)  # no single read may outlast the deadline either
+        chunk = response.read1(1 << 16)
+        if not chunk: return b"".join(chunks)
+        chunks.append(chunk)
+
 @dataclass
 class OllamaJudge:
     "A judge that asks a model served by Ollama (`ollama serve`; `ollama pull llama3`) to grade each answer."
@@ -301,7 +314,7 @@ class OllamaJudge:
     seed: int = 123
     temperature: float = 0.0
     num_ctx: int = 2048
-    timeout: float = 120.0  # seconds to wait for one reply
+    timeout: float = 120.0  # seconds for one whole reply, however slowly it arrives
 
     def payload(self, text: str) -> dict:
         "The JSON body of a chat request for `text`."
@@ -315,8 +328,12 @@ class OllamaJudge:
 
     def query(self, text: str) -> str:
         "The model's whole reply to `text` (the streamed pieces joined)."
+        deadline = time.monotonic() + self.timeout
         try:
-            with urllib.request.urlopen(self.request(text), timeout=self.timeout) as r: lines = r.read().decode("utf-8")
+            with urllib.request.urlopen(self.request(text), timeout=self.timeout) as r: body = _read_by(r, deadline)
+        except TimeoutError as e:  # also a socket that went quiet
+            raise JudgeError(f"Ollama at {self.url} did not finish its reply within {self.timeout:g} s; raise "
+                             "timeout=... for a slow machine") from e
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace").strip()
             hint = f"; pull the model with `ollama pull {self.model}`" if e.code == 404 else ""
@@ -326,11 +343,14 @@ class OllamaJudge:
                              f"`ollama serve`, pull the judge with `ollama pull {self.model}`, or pass "
                              "url=... for a server elsewhere.") from e
         reply = []
-        for line in lines.splitlines():
+        for line in body.decode("utf-8", "replace").splitlines():
             if not line.strip(): continue
-            msg = json.loads(line)
+            try: msg = json.loads(line)
+            except ValueError: msg = None
+            if not isinstance(msg, dict) or not isinstance(msg.get("message", {}), dict):
+                raise JudgeError(f"Ollama at {self.url} sent a line that is not a chat message: {line[:100]!r}")
             if "error" in msg: raise JudgeError(f"Ollama at {self.url} answered with an error: {msg['error']}")
-            reply.append(msg.get("message", {}).get("content", ""))
+            reply.append(str(msg.get("message", {}).get("content", "")))
         return "".join(reply)
 
     def __call__(self, prompt: str, reference: str, response: str) -> float | None:

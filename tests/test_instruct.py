@@ -5,6 +5,7 @@ import json
 import random
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -282,3 +283,46 @@ def test_ollama_judge_errors_say_what_to_do(ollama):
 def test_parse_score():
     assert [parse_score(s) for s in ["100", "0", "Score: 7", "85.5", "", "101", "-"]] == [100, 0, 7, 85.5, None,
                                                                                          None, None]
+
+
+def test_parse_score_keeps_the_sign():
+    assert [parse_score(s) for s in ["-5", "Score: -5 out of 100", "+7", "-0"]] == [None, None, 7, 0]
+
+
+class BadOllama(http.server.BaseHTTPRequestHandler):
+    "A server that answers in a way the judge must refuse: `mode` says which."
+    mode = "trickle"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200); self.send_header("Content-Type", "application/x-ndjson"); self.end_headers()
+        if self.mode == "html": self.wfile.write(b"<html>502 Bad Gateway</html>\n"); return
+        if self.mode == "list": self.wfile.write(b"[1, 2]\n"); return
+        try:  # a byte every 0.2 s for up to 10 s: each read is quick, the whole reply is not
+            for _ in range(50):
+                self.wfile.write(b" "); self.wfile.flush(); time.sleep(0.2)
+        except OSError: pass  # the judge hung up
+
+    def log_message(self, *args): pass
+
+
+@pytest.fixture
+def bad_ollama():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BadOllama)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/chat"
+    server.shutdown(); server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["html", "list"])
+def test_ollama_judge_refuses_a_reply_that_is_not_chat_json(bad_ollama, mode):
+    BadOllama.mode = mode
+    with pytest.raises(JudgeError, match="not a chat message"): OllamaJudge(url=bad_ollama).query("hi")
+
+
+def test_ollama_judge_timeout_bounds_the_whole_reply(bad_ollama):
+    BadOllama.mode = "trickle"
+    t0 = time.monotonic()
+    with pytest.raises(JudgeError, match=r"within 1 s"): OllamaJudge(url=bad_ollama, timeout=1).query("hi")
+    assert time.monotonic() - t0 < 3  # not the 10 s the server would take
