@@ -19,7 +19,7 @@ from .model import PRESETS, GPTConfig, GPTModel
 
 # %% auto #0
 __all__ = ['GPT2_CHECKPOINTS', 'hf_name', 'is_conv1d', 'CheckpointError', 'gpt_state_dict', 'hf_state_dict', 'config_from_hf',
-           'config_to_hf', 'Checkpoint', 'fetch_checkpoint', 'load_gpt2', 'save_gpt2']
+           'read_hf_config', 'config_to_hf', 'Checkpoint', 'fetch_checkpoint', 'load_gpt2', 'save_gpt2']
 
 # %% ../nbs/04_weights.ipynb #a5065c00
 _RENAMES = [("tok_emb.", "wte."), ("pos_emb.", "wpe."), ("final_norm.", "ln_f."), ("blocks.", "h."),
@@ -89,6 +89,9 @@ _UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_at
 
 def config_from_hf(d: dict) -> GPTConfig:
     "A `GPTConfig` from a Hugging Face GPT-2 `config.json` dict."
+    if not isinstance(d, dict): raise CheckpointError(f"a GPT-2 config must be a JSON object, got {type(d).__name__}")
+    if missing := [k for k in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if k not in d]:
+        raise CheckpointError(f"the GPT-2 config lacks {', '.join(missing)}")
     problems = [f"{k}={d[k]!r}" for k, ok in _UNSUPPORTED.items() if k in d and d[k] != ok]
     if d.get("model_type", "gpt2") != "gpt2": problems.append(f"model_type={d['model_type']!r}")
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -99,6 +102,13 @@ def config_from_hf(d: dict) -> GPTConfig:
     return GPTConfig(vocab_size=d["vocab_size"], context_length=d["n_positions"], emb_dim=d["n_embd"],
                      n_heads=d["n_head"], n_layers=d["n_layer"], drop_rate=d.get("resid_pdrop", 0.1), qkv_bias=True,
                      tie_weights=d.get("tie_word_embeddings", True), ln_eps=d.get("layer_norm_epsilon", 1e-5))
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    "The `config.json` at `path`, refused with a `CheckpointError` unless it is a JSON object."
+    try: d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e: raise CheckpointError(f"not readable JSON ({e})") from None
+    if not isinstance(d, dict): raise CheckpointError(f"must hold a JSON object, got {type(d).__name__}")
+    return d
 
 def config_to_hf(cfg: GPTConfig) -> dict:
     "A Hugging Face GPT-2 `config.json` dict for `cfg`."
@@ -145,19 +155,6 @@ def _tied(sd: dict[str, torch.Tensor]) -> bool:
     wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
     return "lm_head.weight" not in sd or (wte is not None and torch.equal(sd["lm_head.weight"], wte))
 
-def _infer_config(sd: dict[str, torch.Tensor]) -> GPTConfig:
-    "The GPT-2 preset whose shapes match the state dict `sd`."
-    short = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    if "wte.weight" not in short or "wpe.weight" not in short:
-        raise CheckpointError("No wte.weight / wpe.weight: this is not a GPT-2 checkpoint.")
-    (vocab, emb), ctx = short["wte.weight"].shape, short["wpe.weight"].shape[0]
-    layers = 1 + max((int(m[1]) for k in short if (m := re.match(r"h\.(\d+)\.", k))), default=-1)
-    for name in PRESETS:
-        cfg = GPTConfig.from_preset(name, vocab_size=vocab, context_length=ctx, tie_weights=_tied(sd))
-        if (cfg.emb_dim, cfg.n_layers) == (emb, layers): return cfg
-    raise CheckpointError(f"No config.json, and the shapes (emb_dim={emb}, n_layers={layers}) match no GPT-2 "
-                          f"preset; pass preset=... or put a config.json beside the file.")
-
 def load_gpt2(source: str | os.PathLike,  # a preset name, a checkpoint directory, or a .safetensors file
               preset: str | None = None,  # the config to use when no config.json sits beside the file
               device: str | torch.device | None = None,  # where to put the weights (default: CPU)
@@ -174,11 +171,18 @@ def load_gpt2(source: str | os.PathLike,  # a preset name, a checkpoint director
         raise FileNotFoundError(f"{source!r} is neither a checkpoint name ({', '.join(GPT2_CHECKPOINTS)}) nor a "
                                 "directory or .safetensors file.")
     if not file.is_file(): raise FileNotFoundError(f"No checkpoint at {file}.")
-    sd = load_file(file, device=str(device or "cpu"))
     cfg_file = file.parent / "config.json"
-    if not published and cfg_file.is_file(): cfg = config_from_hf(json.loads(cfg_file.read_text()))
-    elif preset is not None: cfg = GPTConfig.from_preset(preset, tie_weights=_tied(sd))
-    else: cfg = _infer_config(sd)
+    from_json = not published and cfg_file.is_file()  # a local config.json wins over `preset`
+    if not from_json and preset is None:  # the shapes give the width and the depth, but not the number of heads
+        raise CheckpointError(f"No config.json beside {file}: pass preset=... (one of {', '.join(PRESETS)}) that "
+                              "matches the model, or put its config.json beside the file.")
+    if from_json:
+        try: cfg = config_from_hf(read_hf_config(cfg_file))
+        except (TypeError, ValueError) as e: raise CheckpointError(f"{cfg_file}: {e}") from None
+    try: sd = load_file(file, device=str(device or "cpu"))
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: fetch it again") from None
+    if not from_json: cfg = GPTConfig.from_preset(preset, tie_weights=_tied(sd))
     weights = gpt_state_dict(sd, cfg)
     if dtype is not None: weights = {k: v.to(dtype) for k, v in weights.items()}
     with torch.device("meta"): model = GPTModel(cfg)
