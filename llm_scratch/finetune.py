@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -26,8 +27,8 @@ from .instruct import (collate_instructions, evaluate_responses, generate_respon
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
-from .train import (MALLOC_TIP, RunError, tune_malloc, autocast, core_model, make_accelerator, make_optimizer,
-                               plot_metrics, read_metrics, reset_accelerate, wrap_model)
+from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, check_out_folder, core_model, json_line,
+                               make_accelerator, make_optimizer, plot_metrics, read_metrics, reset_accelerate, wrap_model)
 from .weights import load_gpt2
 
 # %% auto #0
@@ -105,9 +106,12 @@ def step(model, optimizer, loss_fn, batch, acc=None, precision: str = "fp32", gr
     total = global_count(n, acc)
     shared_loss(loss_sum, total, world).backward()
     if total == 0: return float("nan")  # every target masked on every process: nothing to learn, no step
+    loss = (global_count(loss_sum.detach(), acc) / total).item()
+    if not math.isfinite(loss):  # the same value in every process: all stop together, before the weights change
+        raise Diverged(f"the loss is {loss}: training diverged; nothing was saved. Lower --lr and start again.")
     if grad_clip > 0: torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
-    return (global_count(loss_sum.detach(), acc) / total).item()
+    return loss
 
 # %% ../nbs/12_finetune.ipynb #79df5888
 def spam_splits(max_length: int | None, context_length: int, limit: int | None = None, seed: int = 123):
@@ -147,12 +151,15 @@ def accuracy(model, ds: SpamDataset, acc=None, batch_size: int = 32, precision: 
 def _rows_writer(out: Path, main: bool):
     def write(row: dict):
         if main:
-            with open(out / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
+            with open(out / "metrics.jsonl", "a") as f: f.write(json_line(row))
     return write
 
+def _command(args) -> str: return f"llm_scratch_finetune {args.task}"
+
 def _check_out(args) -> Path:
-    "The output folder, refused if it already holds a run."
+    "The output folder, refused if it already holds a run, or files of anything else."
     out = Path(args.out)
+    check_out_folder(out, _command(args))
     if (out / "metrics.jsonl").exists():
         raise RunError(f"{out} already holds a run; choose another --out (or delete it)")
     return out
@@ -164,7 +171,8 @@ def _start(args, acc) -> Path:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
-        (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=1))
+        config = {"command": _command(args), **{k: v for k, v in vars(args).items() if k != "func"}}
+        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
     acc.wait_for_everyone()
     return out
 
@@ -342,10 +350,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     for name in ("epochs", "batch_size", "lora_rank"):
         if getattr(a, name) < 1: p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if not a.lr > 0: p.error(f"--lr must be positive, got {a.lr}")
+    if not 0 < a.lr < math.inf: p.error(f"--lr must be a positive number, got {a.lr}")
     if not 0 <= a.dropout < 1: p.error(f"--dropout must be in [0, 1), got {a.dropout}")
-    for name in ("max_length", "limit"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
+    if not 0 < a.lora_alpha < math.inf: p.error(f"--lora-alpha must be a positive number, got {a.lora_alpha}")
+    for name in ("weight_decay", "grad_clip"):
+        if not 0 <= getattr(a, name) < math.inf:
+            p.error(f"--{name.replace('_', '-')} must be a number of 0 or more, got {getattr(a, name)}")
+    for name in ("eval_every", "seed", "generate"):
+        if getattr(a, name, None) is not None and getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(a, name)}")
+    if not str(a.out).strip(): p.error("--out must name a folder")
+    for name in ("max_length", "limit", "max_new_tokens"):
+        if getattr(a, name, None) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     return a
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -28,6 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
@@ -39,17 +43,19 @@ from torch.nn.parallel import DistributedDataParallel
 from .data import DATASETS, FetchError, cache_dir, fetch, sha256sum, write_atomic
 from .text import gpt2_tokenizer
 from .model import PRESETS, GPTConfig, GPTModel, num_params
-from .pretrain import atomic_torch_save, calc_loss_batch, rng_state, set_rng_state, warmup_cosine
+from .pretrain import calc_loss_batch, rng_state, set_rng_state, warmup_cosine
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file', 'RunError', 'resolve_data', 'make_tokenizer',
-           'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank', 'count_params', 'TrainConfig',
-           'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model', 'reset_accelerate',
-           'core_model', 'grad_sync', 'HeadwiseParallel', 'tensor_parallel', 'make_optimizer', 'autocast',
-           'clip_grad_norm', 'train_step', 'save_state', 'load_state', 'latest_checkpoint', 'full_model',
+__all__ = ['MALLOC_TIP', 'COMMAND', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file', 'RunError', 'resolve_data',
+           'make_tokenizer', 'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank', 'count_params',
+           'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model',
+           'reset_accelerate', 'core_model', 'grad_sync', 'HeadwiseParallel', 'tensor_parallel', 'make_optimizer',
+           'autocast', 'clip_grad_norm', 'train_step', 'save_state', 'CheckpointDamaged', 'check_checkpoint',
+           'load_state', 'step_of', 'checkpoints', 'usable_checkpoint', 'latest_checkpoint', 'full_model',
            'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics',
-           'model_config', 'holdings', 'check_out', 'validate', 'Run', 'start_run', 'save_run', 'finish_run', 'train',
-           'free_port', 'tune_malloc', 'malloc_tuned', 'main']
+           'model_config', 'holdings', 'run_command', 'check_out_folder', 'check_out', 'validate', 'Run', 'start_run',
+           'prune_checkpoints', 'save_run', 'finish_run', 'Diverged', 'json_line', 'train', 'free_port', 'tune_malloc',
+           'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #2ca71503
 def safe_cut(text: str, start: int) -> int:
@@ -119,9 +125,17 @@ class RunError(ValueError):
 
 def resolve_data(data: str) -> Path:
     "The text file for `--data`: a dataset name known to `fetch`, or a path to a UTF-8 text file."
-    if data in DATASETS: return fetch(data, progress=False)
+    if data in DATASETS:
+        if DATASETS[data].is_folder:
+            texts = [n for n, d in DATASETS.items() if not d.is_folder]
+            raise RunError(f"--data {data} is a set of files ({DATASETS[data].description}), not a text to train on; "
+                           f"choose one of {', '.join(texts)}, or a text file")
+        return fetch(data, progress=False)
     path = Path(data).expanduser()
-    if path.is_file(): return path
+    if path.is_file():
+        if path.stat().st_size == 0: raise RunError(f"--data {data} is an empty file; give a text to train on")
+        return path
+    if path.is_dir(): raise RunError(f"--data {data} is a folder; give a UTF-8 text file or a dataset name")
     raise FileNotFoundError(f"--data {data!r} is neither a dataset ({', '.join(DATASETS)}) nor a file")
 
 def make_tokenizer(name: str, meta: dict | None = None):
@@ -138,20 +152,31 @@ def token_file(data: str, tokenizer: str = "gpt2", cache: str | os.PathLike | No
     path = folder / f"{src.stem}-{digest[:16]}-{tokenizer}.bin"
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file(): return path, json.loads(meta_path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"source": str(src), "sha256": digest, "tokenizer": tokenizer}
-    if tokenizer == "char":
-        chars = set()
-        with open(src, encoding="utf-8") as f:
-            while block := f.read(1 << 24): chars.update(block)
-        meta["chars"] = "".join(sorted(chars))
-    tok = make_tokenizer(tokenizer, meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        meta["n_tokens"], meta["vocab_size"] = encode_file(src, tmp, tok), tok.n_vocab
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-    meta_path.write_text(json.dumps(meta))  # written last: its presence means the token file is complete
+        if tokenizer == "char":
+            chars = set()
+            with open(src, encoding="utf-8") as f:
+                while block := f.read(1 << 24): chars.update(block)
+            if len(chars) > 1 << 16:
+                raise RunError(f"{data} has {len(chars):,} distinct characters, more than the 65,536 a character token "
+                               "file can number; use --tokenizer gpt2")
+            meta["chars"] = "".join(sorted(chars))
+        tok = make_tokenizer(tokenizer, meta)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta["vocab_size"] = tok.n_vocab
+        counts = []
+        write_atomic(path, lambda tmp: counts.append(encode_file(src, tmp, tok)))
+        meta["n_tokens"] = counts[0]
+        write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))  # last: its presence means complete
+    except UnicodeDecodeError as e:
+        path.unlink(missing_ok=True)
+        raise RunError(f"{data} is not UTF-8 text ({e.reason} at byte {e.start} of a block); convert it, e.g. with "
+                       "iconv -f latin1 -t utf-8") from None
+    except (OSError, FetchError) as e:
+        path.unlink(missing_ok=True)
+        raise RunError(f"cannot write the token cache in {folder} ({e}); make it writable or point LLM_SCRATCH_CACHE "
+                       "at a folder you can write") from e
     return path, meta
 
 def load_tokens(path: str | os.PathLike) -> np.memmap:
@@ -240,7 +265,8 @@ class TrainConfig:
     keep: int = _opt(2, "checkpoints to keep (the newest)")
     log_every: int = _opt(10, "write a metrics line every this many steps")
     out: str = _opt("runs/train", "output folder: metrics.jsonl, loss.png, checkpoints/, final/")
-    resume: bool = _opt(False, "continue from the newest checkpoint in --out (start afresh if there is none)")
+    resume: bool = _opt(False, "continue from the newest intact checkpoint in --out (start afresh if --out is empty)")
+    allow_data_change: bool = _opt(False, "resume even if the data file changed since the checkpoint")
     precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU)", choices=["fp32", "bf16"])
     strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N) or tp (tensor "
                          "parallel: all processes read the same batch, each holds 1/N of every block)",
@@ -271,6 +297,11 @@ class TrainConfig:
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < 2**63: raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if not self.out.strip(): raise ValueError("out must name a folder, got an empty string")
+        for name in ("lr", "min_lr", "grad_clip", "weight_decay", "peak_tflops"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v): raise ValueError(f"{name} must be a finite number, got {v}")
 
 # %% ../nbs/07_train.ipynb #064e2dfc
 MALLOC_TIP = ("On Linux, glibc's allocator can make CPU training 2-3x slower; the command keeps freed memory, as "
@@ -296,7 +327,9 @@ def read_toml(path: str | os.PathLike) -> dict:
     "The options in a TOML file, as `TrainConfig` field names (dashes or underscores both accepted)."
     try: import tomllib
     except ImportError: import tomli as tomllib  # Python 3.10
-    with open(path, "rb") as f: raw = tomllib.load(f)
+    try:
+        with open(path, "rb") as f: raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e: raise ValueError(f"{path} is not valid TOML: {e}") from None
     values = {k.replace("-", "_"): v for k, v in raw.items()}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown := sorted(set(values) - known):
@@ -429,48 +462,123 @@ def _state_options(model) -> StateDictOptions:
     tp = not isinstance(model, FSDPModule) and any(isinstance(p, DTensor) for p in model.parameters())
     return StateDictOptions(full_state_dict=tp)
 
+def _unshared(sd: dict) -> dict:
+    "`sd` without the entries that repeat an earlier tensor (a tied head): safetensors stores each tensor once."
+    seen, out = set(), {}
+    for k, v in sd.items():
+        t = v.to_local() if isinstance(v, DTensor) else v
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen: seen.add(key); out[k] = v
+    return out
+
+def _rng_tensors(state: dict) -> tuple[dict, dict]:
+    "`rng_state()` as tensors and string metadata: what a safetensors file holds."
+    tensors = {"python": torch.tensor(state["python"], dtype=torch.int64), "numpy": state["numpy"], "torch": state["torch"]}
+    tensors.update({f"cuda.{i}": t for i, t in enumerate(state.get("cuda", []))})
+    return tensors, {"python_pos": json.dumps(state["python_pos"]), "numpy_pos": json.dumps(state["numpy_pos"])}
+
+def _rng_from(tensors: dict, meta: dict) -> dict:
+    "The inverse of `_rng_tensors`."
+    state = {"python": tensors["python"].tolist(), "numpy": tensors["numpy"], "torch": tensors["torch"],
+             "python_pos": json.loads(meta["python_pos"]), "numpy_pos": json.loads(meta["numpy_pos"])}
+    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
+    if cuda: state["cuda"] = [v for _, v in cuda]
+    return state
+
+def _manifest(folder: Path) -> dict:
+    "Size and SHA-256 of every file under `folder`, by relative path."
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256sum(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
 def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelerator=None) -> Path:
     "Write a resumable checkpoint of `model`, `optimizer` and every process's RNG to `folder`, atomically."
     folder = Path(folder)
     rank, main = (accelerator.process_index, accelerator.is_main_process) if accelerator else (0, True)
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if main: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    _barrier(accelerator)
-    msd, osd = get_state_dict(model, optimizer, options=_state_options(model))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is fine
-        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
-    atomic_torch_save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    _barrier(accelerator)
-    if main:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        _write_text_atomic(folder.parent / "latest", folder.name)
+    try:
+        if main: shutil.rmtree(tmp, ignore_errors=True); (tmp / "rng").mkdir(parents=True)
+        _barrier(accelerator)
+        msd, osd = get_state_dict(model, optimizer, options=_state_options(model))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is fine
+            dcp.save({"model": _unshared(msd), "optimizer": {"state": osd["state"]}},
+                     storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        tensors, rng_meta = _rng_tensors(rng_state())
+        write_atomic(tmp / "rng" / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p), rng_meta))
+        _barrier(accelerator)
+        if main:
+            _write_text_atomic(tmp / "meta.json", json.dumps({**meta, "files": _manifest(tmp)}, indent=1))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            _write_text_atomic(folder.parent / "latest", folder.name)
+    except (OSError, FetchError) as e:  # a full disk, a folder we may not write: the older checkpoints stay
+        if main: shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"could not write the checkpoint {folder.name} in {folder.parent} ({e}); free some space or "
+                       f"make the folder writable, then resume: the previous checkpoint is untouched") from e
     _barrier(accelerator)
     return folder
 
-def load_state(folder: str | os.PathLike, model, optimizer, accelerator=None) -> dict:
+class CheckpointDamaged(RunError):
+    "A checkpoint folder is incomplete or its files differ from the ones it recorded."
+
+def check_checkpoint(folder: str | os.PathLike) -> dict:
+    "The `meta.json` of checkpoint `folder`, once every file it lists is there with its size and SHA-256."
+    folder = Path(folder)
+    try: meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError: raise CheckpointDamaged(f"{folder.name} has no meta.json (cut short while saving?)") from None
+    except (OSError, ValueError) as e: raise CheckpointDamaged(f"{folder.name}/meta.json is unreadable ({e})") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointDamaged(f"{folder.name}/meta.json lists no files: it was written by an older llm_scratch, "
+                                "whose checkpoints are unpickled to load and are not read any more")
+    for name, want in files.items():
+        p = folder / name
+        if ".." in Path(name).parts or not p.is_file(): raise CheckpointDamaged(f"{folder.name}/{name} is missing")
+        if p.stat().st_size != want["bytes"]:
+            raise CheckpointDamaged(f"{folder.name}/{name} has {p.stat().st_size:,} bytes, expected {want['bytes']:,}")
+        if sha256sum(p) != want["sha256"]: raise CheckpointDamaged(f"{folder.name}/{name} differs from the file saved")
+    return meta
+
+def load_state(folder: str | os.PathLike, model, optimizer, accelerator=None, check: bool = True) -> dict:
     "Restore `model`, `optimizer` and this process's RNG from a `save_state` folder; returns its meta."
     folder = Path(folder)
+    meta = check_checkpoint(folder) if check else json.loads((folder / "meta.json").read_text())
     rank = accelerator.process_index if accelerator else 0
     opts = _state_options(model)
     msd, osd = get_state_dict(model, optimizer, options=opts)  # templates in this process's layout (DCP reshards into them)
-    state = {"model": msd, "optimizer": osd}
+    state = {"model": _unshared(msd), "optimizer": {"state": osd["state"]}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=opts)
-    rng = folder / f"rng-rank{rank}.pt"
-    if rng.is_file(): set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((folder / "meta.json").read_text())
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))  # safetensors only: nothing unpickled
+    set_state_dict(model, optimizer, model_state_dict=msd, options=opts,
+                   optim_state_dict={"state": state["optimizer"]["state"], "param_groups": osd["param_groups"]})
+    rng = folder / "rng" / f"rank{rank}.safetensors"
+    if rng.is_file():
+        with safe_open(str(rng), "pt") as f: set_rng_state(_rng_from({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
+    return meta
+
+def step_of(folder: Path) -> int | None:
+    "The step number of a checkpoint folder `step_<N>`, or None for any other name."
+    m = re.fullmatch(r"step_(\d+)", folder.name)
+    return int(m[1]) if m else None
+
+def checkpoints(out: str | os.PathLike) -> list[Path]:
+    "The checkpoint folders of run `out`, newest (highest step) first."
+    folder = Path(out) / "checkpoints"
+    found = [p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None] if folder.is_dir() else []
+    return sorted(found, key=step_of, reverse=True)
+
+def usable_checkpoint(out: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    "The newest checkpoint of run `out` whose files are all intact (or None), and why each newer one was skipped."
+    skipped = []
+    for folder in checkpoints(out):
+        try: check_checkpoint(folder); return folder, skipped
+        except CheckpointDamaged as e: skipped.append(str(e))
+    return None, skipped
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    "The newest complete checkpoint folder of run `out`, or None."
-    pointer = Path(out) / "checkpoints" / "latest"
-    if not pointer.is_file(): return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / "meta.json").is_file() else None
+    "The newest intact checkpoint folder of run `out`, or None."
+    return usable_checkpoint(out)[0]
 
 # %% ../nbs/07_train.ipynb #c396d14a
 def full_model(model: torch.nn.Module, cfg: GPTConfig, accelerator=None) -> GPTModel | None:
@@ -483,16 +591,19 @@ def full_model(model: torch.nn.Module, cfg: GPTConfig, accelerator=None) -> GPTM
     return out.eval()
 
 def load_trained(folder: str | os.PathLike) -> GPTModel:
-    "A `GPTModel` (eval mode, CPU) from a training checkpoint folder, sharded or not, in one process."
+    "A `GPTModel` (eval mode, CPU) from a training checkpoint folder (or a run's newest), sharded or not, in one process."
     folder = Path(folder)
-    if (folder / "checkpoints").is_dir(): folder = latest_checkpoint(folder) or folder
-    meta = json.loads((folder / "meta.json").read_text())
+    if (folder / "checkpoints").is_dir():
+        found, skipped = usable_checkpoint(folder)
+        if found is None: raise RunError(f"{folder} has no intact checkpoint: " + ("; ".join(skipped) or "none saved"))
+        folder = found
+    meta = check_checkpoint(folder)
     model = GPTModel(GPTConfig(**meta["model_config"]))
-    state = {"model": model.state_dict()}
+    sd = model.state_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=folder)
-    model.load_state_dict(state["model"])
+        dcp.load({"model": _unshared(sd)}, storage_reader=HuggingFaceStorageReader(str(folder)))
+    model.load_state_dict(sd)
     return model.eval()
 
 # %% ../nbs/07_train.ipynb #b409448b
@@ -544,7 +655,8 @@ def plot_metrics(rows: list[dict], path: str | os.PathLike | None = None, title:
     return fig
 
 # %% ../nbs/07_train.ipynb #d59f8b04
-_RESUME_KEYS = ("model", "data", "tokenizer", "context_length", "dropout", "batch_size", "grad_accum", "lr",
+COMMAND = "llm_scratch_train"  # recorded in a run's config.json: the command that may write into the folder
+_RESUME_KEYS = ("model", "data", "tokenizer", "context_length", "dropout", "lr",
                 "min_lr", "warmup", "weight_decay", "grad_clip", "val_fraction", "precision", "seed")
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
@@ -568,19 +680,41 @@ def holdings(model: torch.nn.Module, optimizer) -> dict:
             "optimizer_state": sum(v.numel() for v in state), "fingerprint": h.hexdigest()[:16]}
 
 # %% ../nbs/07_train.ipynb #08f8a1cc
-def check_out(out: Path, cfg: TrainConfig) -> Path | None:
-    "The checkpoint to resume from (None: start afresh); refuses to overwrite a run unless resuming."
-    ckpt = latest_checkpoint(out)
+def run_command(out: Path) -> str | None:
+    "The command whose run folder `out` is (from its config.json), or None."
+    try: cfg = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError): return None
+    return cfg.get("command") if isinstance(cfg, dict) else None
+
+def check_out_folder(out: Path, command: str):
+    "Refuse an `--out` that is a file, or a folder that is neither empty nor a run of `command`."
+    if not str(out).strip(): raise RunError("--out must name a folder")
+    if out.exists() and not out.is_dir(): raise RunError(f"--out {out} is a file; name a folder for the run")
+    if out.is_dir() and any(out.iterdir()) and run_command(out) != command:
+        raise RunError(f"--out {out} is a folder that holds other files, not a run of {command}; "
+                       "choose a new or empty folder, so that nothing in it is overwritten")
+
+def check_out(out: Path, cfg: TrainConfig, global_batch: int | None = None) -> tuple[Path | None, list[str]]:
+    "The checkpoint to resume from (None: start afresh) and why newer ones were skipped; refuses what would lose work."
+    check_out_folder(out, COMMAND)
+    held = (out / "metrics.jsonl").is_file() or bool(checkpoints(out))
     if not cfg.resume:
-        if ckpt is not None or (out / "metrics.jsonl").is_file():
-            raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        return None
-    if ckpt is None: return None
-    saved = json.loads((ckpt / "meta.json").read_text())["config"]
+        if held: raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        return None, []
+    ckpt, skipped = usable_checkpoint(out)
+    if ckpt is None:
+        if held: raise RunError(f"{out} holds a run but no intact checkpoint to resume from "
+                                f"({'; '.join(skipped) or 'none was saved'}); nothing was changed. "
+                                "Choose another --out to start afresh.")
+        return None, []
+    meta = json.loads((ckpt / "meta.json").read_text())
+    saved = meta["config"]
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if global_batch is not None and global_batch != meta["global_batch"]:  # processes x batch-size x grad-accum
+        changed.append(f"global batch: {meta['global_batch']} -> {global_batch} windows")
     if changed: raise RunError(f"cannot resume {ckpt} with other settings ({'; '.join(changed)}); "
                                "use the run's settings, or start a new --out")
-    return ckpt
+    return ckpt, skipped
 
 # %% ../nbs/07_train.ipynb #76d9983c
 def _seed_all(seed: int):
@@ -632,9 +766,16 @@ def start_run(cfg: TrainConfig, acc) -> Run:
     "Data, model, optimiser and samplers of run `cfg` in this process; restored from a checkpoint on resume."
     out, world, rank = Path(cfg.out), acc.num_processes, acc.process_index
     if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
-    ckpt = check_out(out, cfg)
+    ckpt, skipped = check_out(out, cfg, cfg.batch_size * cfg.grad_accum * (1 if cfg.strategy == "tp" else world))
+    if acc.is_main_process:
+        for why in skipped: print(f"skipping a damaged checkpoint: {why}", file=sys.stderr)
     acc.wait_for_everyone()  # every process has looked at the folder before process 0 changes it
     train_tokens, val_tokens, meta = _data(cfg, acc)
+    if ckpt is not None:
+        was = json.loads((ckpt / "meta.json").read_text())["data"]["sha256"]
+        if was != meta["sha256"] and not cfg.allow_data_change:
+            raise RunError(f"the data changed since {ckpt}: {cfg.data} has SHA-256 {meta['sha256']}, the run trained "
+                           f"on {was}. Restore the file, start a new --out, or pass --allow-data-change")
     mcfg = model_config(cfg, meta["vocab_size"])
     ctx = mcfg.context_length
     if cfg.strategy == "tp" and world > 1 and mcfg.n_heads % world:
@@ -655,30 +796,45 @@ def start_run(cfg: TrainConfig, acc) -> Run:
     _seed_all(cfg.seed + 1 + dp_rank)  # a different dropout stream per data-parallel rank
     run = Run(cfg, acc, mcfg, meta, model, optimizer, forward, sampler, val, n_params)
     if ckpt is not None:
-        saved = load_state(ckpt, model, optimizer, acc)
+        saved = load_state(ckpt, model, optimizer, acc, check=False)  # check_out checked its files
         run.step, run.tokens_seen, run.saved_at = saved["step"], saved["tokens_seen"], saved["step"]
         if saved["world_size"] != world and acc.is_main_process:
-            print(f"note: resuming a {saved['world_size']}-process run on {world}: dropout's random streams differ, "
-                  f"and so does the data unless processes x batch-size x grad-accum is still {saved['global_batch']}")
+            print(f"note: resuming a {saved['world_size']}-process run on {world}: the same global batches, but "
+                  "dropout's random streams differ")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is None: (out / "metrics.jsonl").write_text("")
         else: truncate_metrics(out / "metrics.jsonl", run.step)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        _write_text_atomic(out / "config.json", json.dumps({"command": COMMAND, **dataclasses.asdict(cfg)}, indent=1))
         print(f"{cfg.model}: {n_params:,} parameters, {world} process(es), {cfg.strategy}, {acc.device}; "
               f"{len(train_tokens):,} training tokens; " + (f"resuming at step {run.step}" if ckpt else "from scratch"))
     return run
 
 # %% ../nbs/07_train.ipynb #30d6d57a
+def _finite_weights(model, acc) -> bool:
+    "Whether every parameter of `model`, in every process, is a finite number."
+    ok = torch.tensor([float(all(torch.isfinite(_local(p.detach())).all() for p in model.parameters()))], device=acc.device)
+    return acc.reduce(ok, "sum").item() == acc.num_processes  # 1 from each process that is fine
+
+def prune_checkpoints(out: Path, step: int, keep: int) -> list[Path]:
+    "Delete all but the newest `keep` checkpoints up to `step`, and any past it (damaged ones a resume skipped)."
+    found = checkpoints(out)  # highest step first, by number: step_1000000 is newer than step_999999
+    gone = [p for p in found if step_of(p) > step] + [p for p in found if step_of(p) <= step][keep:]
+    gone += list((Path(out) / "checkpoints").glob(".step_*.tmp"))  # left by a process killed while saving
+    for p in gone: shutil.rmtree(p)
+    return gone
+
 def save_run(run: Run):
     "Checkpoint `run` at its current step (all processes together), keeping the newest `keep` checkpoints."
+    if not _finite_weights(run.model, run.acc):
+        raise Diverged(f"the weights hold NaN or infinite values at step {run.step}: training diverged. {_kept(run)} "
+                       "Lower --lr, raise --warmup or keep --grad-clip on, and start a new --out.")
     info = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.acc.num_processes,
             "global_batch": run.sampler.global_batch, "strategy": run.cfg.strategy,
             "config": dataclasses.asdict(run.cfg), "model_config": dataclasses.asdict(run.mcfg),
             "data": {"sha256": run.meta["sha256"], "n_tokens": run.meta["n_tokens"]}}
     save_state(run.out / "checkpoints" / f"step_{run.step:06d}", run.model, run.optimizer, info, run.acc)
-    if run.acc.is_main_process:
-        for old in sorted((run.out / "checkpoints").glob("step_*"))[:-run.cfg.keep]: shutil.rmtree(old)
+    if run.acc.is_main_process: prune_checkpoints(run.out, run.step, run.cfg.keep)
     run.saved_at = run.step
 
 # %% ../nbs/07_train.ipynb #effe6177
@@ -706,6 +862,18 @@ def finish_run(run: Run, speeds: list[float]) -> dict | None:
     return summary
 
 # %% ../nbs/07_train.ipynb #cc0c6b4e
+class Diverged(RunError):
+    "The loss or the gradient norm stopped being a finite number."
+
+def _kept(run: Run) -> str:
+    return (f"The last checkpoint, step {run.saved_at}, is kept; nothing after it was saved." if run.saved_at >= 0
+            else "No checkpoint had been saved.")
+
+def json_line(row: dict) -> str:
+    "`row` as one line of strict JSON: a NaN or infinite number becomes null."
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
 def _postfix(row: dict) -> dict:
     "The progress bar's view of a metrics row."
     fmt = {"loss": "{:.3f}", "val_loss": "{:.3f}", "lr": "{:.1e}", "tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
@@ -733,19 +901,23 @@ def _train(cfg: TrainConfig, acc) -> dict | None:
         lr = warmup_cosine(run.step, cfg.lr, cfg.max_steps, cfg.warmup, min_lr)
         loss, norm = train_step(run.model, run.optimizer, run.sampler, run.step, lr, dev, cfg.precision,
                                 cfg.grad_clip, run.forward)
+        loss = acc.reduce(loss, "mean").item()  # the mean over all processes
+        if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+            raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+                           f"{loss if not math.isfinite(loss) else norm} at step {run.step + 1}: training diverged. "
+                           f"{_kept(run)} Lower --lr, raise --warmup or keep --grad-clip on, and start a new --out.")
         run.step += 1; run.tokens_seen += step_tokens; n_log += 1
         last = run.step == cfg.max_steps
         evaluate = cfg.eval_every > 0 and (run.step % cfg.eval_every == 0 or last)
         if run.step % cfg.log_every == 0 or evaluate or last:
             tps = n_log * step_tokens / (time.perf_counter() - t_log)
-            row = {"step": run.step, "loss": acc.reduce(loss, "mean").item(),  # the mean over all processes
-                   "lr": lr, "tokens_per_s": tps, "tokens": run.tokens_seen, "grad_norm": norm,
+            row = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "tokens": run.tokens_seen, "grad_norm": norm,
                    "mfu": tps * fpt / (peak * world) if peak else None}
             if evaluate: row["val_loss"] = validate(run.model, run.val, cfg.eval_batches, dev, cfg.precision, acc,
                                                      run.forward)
             speeds.append(tps)
             if main:
-                with open(run.out / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
+                with open(run.out / "metrics.jsonl", "a") as f: f.write(json_line(row))
                 bar.set_postfix(_postfix(row), refresh=False)
             t_log, n_log = time.perf_counter(), 0
         bar.update(1)

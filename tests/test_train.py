@@ -2,6 +2,8 @@
 gradient accumulation, exact resume after `kill -9`, and the command line's errors."""
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +36,16 @@ def run(env, args, nproc=1, launcher="accelerate", check=True, timeout=300):
     p = subprocess.run(command(args, nproc, launcher), env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def kill_tree(p: subprocess.Popen):
+    "`kill -9` the launcher and every process under it (torch's launcher starts each worker in a session of its own)."
+    import psutil
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    for q in procs:
+        try: q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess: pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def losses(out): return {r["step"]: r["loss"] for r in read_metrics(out)}
@@ -83,7 +95,7 @@ def test_sigkill_and_resume_give_the_same_losses_step_for_step(env, ddp_run, tmp
         except FileNotFoundError: return 0
     # kill a few steps after the first checkpoint, so that the resume must also drop metric lines past it
     while not (latest.is_file() and logged() >= 13) and p.poll() is None and time.time() < deadline: time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
+    kill_tree(p)
     p.wait()
     assert latest.is_file(), p.stderr.read()[-3000:]
     assert not (out / "run.json").exists(), "the run finished before it could be killed"
@@ -98,6 +110,44 @@ def test_sigkill_and_resume_give_the_same_losses_step_for_step(env, ddp_run, tmp
     assert torch.equal(params(load_gpt2(out / "final")), params(load_gpt2(ddp_run / "final")))
 
 
+def test_kill_at_random_moments_and_resume_give_the_uninterrupted_run(env, ddp_run, tmp_path):
+    "Fault injection: `kill -9` of both processes while training and while writing checkpoints, then resume."
+    out = tmp_path / "run"
+    args = BASE + ["--max-steps", "30", "--batch-size", "2", "--save-every", "3", "--out", str(out)]
+    rng, kills, restarts = random.Random(2026), [], 0
+    plan = ["saving", "random"] * 3 + ["none"] * 4  # six kills, then runs to the end
+
+    def logged(): return len(read_metrics(out)) if (out / "metrics.jsonl").is_file() else 0
+    def attempt(mode):  # one launch, killed as `mode` says; False if it must be started again from nothing
+        argv = args + (["--resume"] if out.exists() else [])
+        p = subprocess.Popen(command(argv, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        deadline, before, started, delay = time.time() + 240, logged(), None, rng.uniform(0, 1.5)
+        while p.poll() is None and time.time() < deadline:
+            if started is None and logged() != before: started = time.time()  # past start-up, training
+            # a checkpoint being written right now, while an older one is whole
+            saving = any((out / "checkpoints").glob(".step_*.tmp")) and any((out / "checkpoints").glob("step_*"))
+            if (mode == "saving" and saving) or (mode == "random" and started and time.time() - started > delay):
+                kill_tree(p); kills.append((mode, logged()))
+                break
+            time.sleep(0.005)
+        p.wait()
+        err = p.stderr.read()
+        if p.returncode != 0 and "no intact checkpoint" in err:  # killed before the first checkpoint was whole
+            assert "nothing was changed" in err
+            shutil.rmtree(out)  # starting afresh is the user's call, not the trainer's
+            return False
+        if p.returncode not in (0, -signal.SIGKILL): raise AssertionError(err[-3000:])
+        return True
+    for mode in plan:
+        while not attempt(mode): restarts += 1
+        if (out / "run.json").exists(): break
+    print(f"kills (mode, steps logged): {kills}; restarts from nothing: {restarts}")
+    assert [m for m, _ in kills] == plan[:6]  # every planned kill happened before the run could finish
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(ddp_run)]
+    assert torch.equal(params(load_gpt2(out / "final")), params(load_gpt2(ddp_run / "final")))
+
+
 def test_fsdp_shards_and_matches_one_process(env, tmp_path):
     common = BASE + ["--max-steps", "10", "--dropout", "0", "--save-every", "5"]
     run(env, common + ["--batch-size", "2", "--strategy", "fsdp", "--out", str(tmp_path / "fsdp")], 2, "torchrun")
@@ -108,7 +158,7 @@ def test_fsdp_shards_and_matches_one_process(env, tmp_path):
         assert abs(r["parameters"] / n - 0.5) < 0.01
         assert r["gradients"] == r["parameters"] and r["optimizer_state"] == 2 * r["parameters"]
     assert sum(r["parameters"] for r in summary["ranks"]) == n
-    assert len(list((tmp_path / "fsdp" / "checkpoints" / "step_000010").glob("*.distcp"))) == 2  # one file a rank
+    assert len(list((tmp_path / "fsdp" / "checkpoints" / "step_000010").glob("shard-*.safetensors"))) == 2  # a file a rank
     # the same init and the same global batches: the gathered model equals the one-process model
     a, b = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
     fsdp, one = params(load_gpt2(tmp_path / "fsdp" / "final")), params(load_gpt2(tmp_path / "one" / "final"))
