@@ -167,6 +167,16 @@ def test_fsdp_shards_and_matches_one_process(env, tmp_path):
     assert (fsdp - one).abs().max() < 1e-4
     # the sharded training checkpoint loads into one process, without a process group
     assert torch.equal(params(load_trained(tmp_path / "fsdp")), fsdp)
+    # and resumes there: the step-5 checkpoint of 2 FSDP processes, on 1 process with 2 micro-steps of the same
+    # windows (the same global batch); model and Adam state are resharded from the safetensors shards
+    res = tmp_path / "resharded"
+    shutil.copytree(tmp_path / "fsdp", res)
+    for p in ("final", "run.json", "loss.png", "checkpoints/step_000010"):
+        shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
+    run(env, common + ["--batch-size", "2", "--grad-accum", "2", "--strategy", "fsdp", "--out", str(res), "--resume"])
+    c = losses(res)
+    assert sorted(c) == list(range(1, 11)) and max(abs(a[s] - c[s]) for s in range(6, 11)) < 1e-4
+    assert (params(load_gpt2(res / "final")) - fsdp).abs().max() < 1e-4
 
 
 def test_grad_accum_on_two_processes_equals_a_four_times_batch(env, tmp_path):
