@@ -112,18 +112,27 @@ class MultiHeadAttention(nn.Module):
         b, T, _ = x.shape
         return self.qkv(x).view(b, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False):
-        "Attend over `x` (b, T, d_in); with `return_weights`, also the weights (b, n_heads, T, T)."
+    def shard_heads(self, world: int):
+        "Keep 1/`world` of the heads: for tensor parallelism, once `qkv` and `proj` hold this process's share."
+        if self.n_heads % world: raise ValueError(f"{self.n_heads} heads cannot be split across {world} processes")
+        self.n_heads, self.d_out = self.n_heads // world, self.d_out // world
+        return self
+
+    def forward(self, x: torch.Tensor, return_weights: bool = False, cache=None, layer: int = 0):
+        "Attend over `x` (b, T, d_in); with `return_weights`, also the weights. A `cache` adds the keys and values of earlier tokens."
         b, T, _ = x.shape
         if T > self.context_length:
             raise ValueError(f"{T} tokens exceed the context length {self.context_length}; pass at most "
                              f"{self.context_length} (e.g. x[:, -{self.context_length}:]).")
         q, k, v = self.split_heads(x)
-        fused = sdpa_pays(q) if self.use_sdpa is None else self.use_sdpa
+        if cache is not None: k, v = cache.update(layer, k, v)  # every position so far: (b, heads, pos + T, head_dim)
+        n_k = k.shape[2]  # the queries are the last T of the n_k positions
+        fused = sdpa_pays(q, n_k) if self.use_sdpa is None else self.use_sdpa
         if return_weights or not fused:
-            ctx, w = attend(q, k, v, causal_mask(T, device=x.device), self.attn_drop)
-        else:  # the fused kernel: same result, never materialises the (T, T) weights
-            ctx, w = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True), None
+            ctx, w = attend(q, k, v, causal_mask(T, n_k, device=x.device), self.attn_drop)
+        else:  # the fused kernel: same result, never materialises the (T, n_k) weights
+            mask = None if T == 1 or n_k == T else ~causal_mask(T, n_k, device=x.device)  # True where it may look
+            ctx, w = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n_k == T and T > 1,
+                                                    dropout_p=self.dropout if self.training else 0.0), None
         out = self.proj(ctx.transpose(1, 2).reshape(b, T, self.d_out))  # heads side by side, then mixed
         return (out, w) if return_weights else out

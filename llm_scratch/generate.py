@@ -10,14 +10,12 @@ import math
 from numbers import Integral, Real
 
 import torch
-import torch.nn.functional as F
 
-from .attention import attend, sdpa_pays
 from .model import GPTModel
 
 # %% auto #0
-__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'cached_attention',
-           'forward_with_cache', 'generate', 'decode_layout']
+__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'forward_with_cache', 'generate',
+           'decode_layout']
 
 # %% ../nbs/06_generate.ipynb #fcc8ce72
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -110,32 +108,12 @@ class KVCache:
     def reset(self): self.pos = 0
 
 # %% ../nbs/06_generate.ipynb #b06804d0
-def cached_attention(att, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
-    "Multi-head attention of new tokens `x` (b, T, d) over the cached tokens and themselves."
-    b, T, _ = x.shape
-    q, k, v = att.split_heads(x)  # each (b, heads, T, head_dim)
-    k_all, v_all = cache.update(layer, k, v)  # (b, heads, pos + T, head_dim)
-    mask = None
-    if T > 1:  # new token i sits at position pos + i and may see keys 0 .. pos + i
-        mask = torch.ones(T, cache.pos + T, dtype=torch.bool, device=x.device).tril(diagonal=cache.pos)
-    if sdpa_pays(q, k_all.shape[2]) if att.use_sdpa is None else att.use_sdpa:
-        ctx = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # mask: True where it may look
-    else: ctx = attend(q, k_all, v_all, None if mask is None else ~mask)[0]  # the explicit path (bf16 on a CPU)
-    return att.proj(ctx.transpose(1, 2).reshape(b, T, att.d_out))
-
 def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
     "Logits for the new tokens `idx` (b, T), reading and extending `cache`; (b, 1, vocab) if `last_only`."
-    T = idx.shape[1]
-    if cache.pos + T > cache.max_len:
-        raise ValueError(f"the cache holds {cache.max_len} positions; {cache.pos} are filled and {T} more do not fit")
-    pos = torch.arange(cache.pos, cache.pos + T, device=idx.device)
-    x = model.drop(model.tok_emb(idx) + model.pos_emb(pos))
-    for i, block in enumerate(model.blocks):  # TransformerBlock.forward, with cached attention
-        x = x + block.drop(cached_attention(block.att, block.ln1(x), cache, i))
-        x = x + block.drop(block.ff(block.ln2(x)))
-    cache.pos += T
-    if last_only: x = x[:, -1:]
-    return model.out_head(model.final_norm(x))
+    if cache.pos + idx.shape[1] > cache.max_len:
+        raise ValueError(f"the cache holds {cache.max_len} positions; {cache.pos} are filled and {idx.shape[1]} more "
+                         "do not fit")
+    return model(idx, cache=cache, last_only=last_only)  # the model's own forward: positions from cache.pos on
 
 # %% ../nbs/06_generate.ipynb #12737833
 def _cached_step(model, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:

@@ -118,10 +118,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)  # on each residual branch
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
+    def forward(self, x: torch.Tensor, return_attn: bool = False, cache=None, layer: int = 0):
         "Transform `x` (b, T, emb_dim); with `return_attn`, also the attention weights (b, n_heads, T, T)."
-        if return_attn: a, w = self.att(self.ln1(x), return_weights=True)
-        else: a, w = self.att(self.ln1(x)), None
+        if return_attn: a, w = self.att(self.ln1(x), return_weights=True, cache=cache, layer=layer)
+        else: a, w = self.att(self.ln1(x), cache=cache, layer=layer), None
         x = x + self.drop(a)
         x = x + self.drop(self.ff(self.ln2(x)))
         return (x, w) if return_attn else x
@@ -151,21 +151,32 @@ class GPTModel(nn.Module):
             for w in (b.att.proj.weight, b.ff.proj.weight):
                 nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
-    def forward(self, idx: torch.Tensor, return_attn: bool = False):
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        "Token plus position embeddings (b, T, emb_dim) of ids `idx` (b, T) that sit at positions `start`, `start + 1`, ..."
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        "Next-token logits (b, T, vocab_size) from the last block's output `x`."
+        return self.out_head(self.final_norm(x))
+
+    def forward(self, idx: torch.Tensor, return_attn: bool = False, cache=None, last_only: bool = False):
         "Logits (b, T, vocab_size) for token ids `idx` (b, T); with `return_attn`, also each layer's attention weights."
         b, T = idx.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"The input has {T} tokens but the model's context_length is {self.cfg.context_length}. "
+        start = 0 if cache is None else cache.pos  # a KV cache (chapter "Generating text") holds earlier tokens
+        if start + T > self.cfg.context_length:
+            raise ValueError(f"The input has {start + T} tokens but the model's context_length is {self.cfg.context_length}. "
                              f"Keep the last {self.cfg.context_length} (idx[:, -{self.cfg.context_length}:]) "
                              f"or build a model with a longer context.")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))  # (b, T, emb_dim)
+        x = self.embed(idx, start)  # (b, T, emb_dim)
         attn = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if return_attn:
-                x, w = block(x, return_attn=True)
+                x, w = block(x, return_attn=True, cache=cache, layer=i)
                 attn.append(w)
-            else: x = block(x)
-        logits = self.out_head(self.final_norm(x))
+            else: x = block(x, cache=cache, layer=i)
+        if cache is not None: cache.pos += T
+        logits = self.head(x[:, -1:] if last_only else x)
         return (logits, attn) if return_attn else logits
 
 # %% ../nbs/03_model.ipynb #0a6e25c9

@@ -241,12 +241,13 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(model.blocks[start:stop])
         if self.first: self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
         if self.last: self.final_norm, self.out_head = model.final_norm, model.out_head
+        self.embed, self.head = model.embed, model.head  # the model's own code, on the modules above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "Token ids (first stage) or activations in; activations or logits (last stage) out."
-        if self.first: x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device)))
+        if self.first: x = self.embed(x)
         for block in self.blocks: x = block(x)
-        return self.out_head(self.final_norm(x)) if self.last else x
+        return self.head(x) if self.last else x
 
 def split_stages(model: GPTModel, n_stages: int) -> list[Stage]:
     "Cut `model` into `n_stages` stages of (nearly) equal numbers of blocks; they share the model's parameters."

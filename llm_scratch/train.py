@@ -403,9 +403,8 @@ def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
             "ff.fc": ColwiseParallel(), "ff.proj": RowwiseParallel()}
     for block in model.blocks:
         parallelize_module(block, mesh, plan)
-        block.att.n_heads, block.att.d_out = block.att.n_heads // n, block.att.d_out // n  # this process's heads
+        block.att.shard_heads(n)  # this process's heads
     return model
-
 
 # %% ../nbs/07_train.ipynb #4d805422
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
@@ -613,7 +612,7 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim
 
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+                  "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks; V100 and T4 have no bf16 cores
 
 def peak_flops(device: torch.device, precision: str = "fp32") -> float | None:
     "A guess of one device's peak FLOP/s (bf16, or TF32/fp32 for fp32); None if unknown."
