@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .data import fetch
-from .text import gpt2_tokenizer
+from .text import EOT_ID, gpt2_tokenizer
 from .model import GPTModel
 
 # %% auto #0
@@ -70,7 +70,7 @@ def split(items: Sequence, train_frac: float = 0.7, val_frac: float = 0.1, seed:
 
 # %% ../nbs/09_classify.ipynb #ccb4b94c
 def pad_ids(encoded: Sequence[Sequence[int]], max_length: int | None = None,
-            pad_id: int = 50256) -> tuple[torch.Tensor, torch.Tensor]:
+            pad_id: int = EOT_ID) -> tuple[torch.Tensor, torch.Tensor]:
     "Token lists cut to `max_length` (default: the longest) and right-padded with `pad_id`: ids (n, L) and lengths (n,)."
     if not encoded: raise ValueError("no sequences to pad")
     empty = [i for i, e in enumerate(encoded) if len(e) == 0]
@@ -89,7 +89,7 @@ class SpamDataset(Dataset):
                  pairs: Sequence[tuple[str, str]],  # (text, label) pairs
                  tokenizer=None,  # anything with `encode_ordinary`; default `gpt2_tokenizer()`
                  max_length: int | None = None,  # pad or cut to this many tokens; default: the longest message
-                 pad_id: int = 50256,  # <|endoftext|>
+                 pad_id: int = EOT_ID,  # <|endoftext|>
                  labels: Sequence[str] = LABELS):  # label names; the class id is the position here
         tokenizer = tokenizer or gpt2_tokenizer()
         self.labels = tuple(labels)
@@ -106,7 +106,7 @@ class SpamDataset(Dataset):
 
 # %% ../nbs/09_classify.ipynb #e1698f51
 def spam_loaders(train: Sequence, val: Sequence, test: Sequence, tokenizer=None, max_length: int | None = None,
-                 batch_size: int = 8, seed: int = 123, pad_id: int = 50256) -> tuple[DataLoader, DataLoader, DataLoader]:
+                 batch_size: int = 8, seed: int = 123, pad_id: int = EOT_ID) -> tuple[DataLoader, DataLoader, DataLoader]:
     "DataLoaders of `SpamDataset`s for the three splits, all padded to the training set's width."
     train_ds = SpamDataset(train, tokenizer, max_length, pad_id)
     val_ds, test_ds = (SpamDataset(s, tokenizer, train_ds.max_length, pad_id) for s in (val, test))
@@ -249,7 +249,7 @@ def plot_classifier_log(log: ClassifierLog, title: str = ""):
 
 # %% ../nbs/09_classify.ipynb #649d8371
 def classify(text: str | Sequence[str], model: nn.Module, tokenizer=None, max_length: int | None = None,
-             labels: Sequence[str] = LABELS, pad_id: int = 50256) -> str | list[str]:
+             labels: Sequence[str] = LABELS, pad_id: int = EOT_ID) -> str | list[str]:
     "The label `model` gives `text` ('ham' or 'spam' by default), or a list of labels for a list of texts."
     tokenizer = tokenizer or gpt2_tokenizer()
     texts = [text] if isinstance(text, str) else list(text)

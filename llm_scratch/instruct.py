@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import fetch, write_atomic
+from .text import EOT_ID
 from .generate import decode_layout, generate
 
 # %% auto #0
@@ -105,7 +106,7 @@ class InstructionDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[list[int], int]: return self.items[i]
 
 # %% ../nbs/10_instruct.ipynb #8256171f
-def collate_naive(batch: Sequence[tuple[list[int], int]], pad_id: int = 50256, ignore_index: int = -100,
+def collate_naive(batch: Sequence[tuple[list[int], int]], pad_id: int = EOT_ID, ignore_index: int = -100,
                   allowed_max_length: int | None = None, mask_prompt: bool = False):
     "Inputs and targets for `batch` of `(ids, n_prompt)`, one example at a time (the book's `custom_collate_fn`)."
     longest = max(len(ids) + 1 for ids, _ in batch)
@@ -122,7 +123,7 @@ def collate_naive(batch: Sequence[tuple[list[int], int]], pad_id: int = 50256, i
 
 # %% ../nbs/10_instruct.ipynb #3e4b86c2
 def collate_instructions(batch: Sequence[tuple[list[int], int]],  # `(ids, n_prompt)` pairs
-                         pad_id: int = 50256,  # end-of-text: appended once, then used as padding
+                         pad_id: int = EOT_ID,  # end-of-text: appended once, then used as padding
                          ignore_index: int = -100,  # the target `F.cross_entropy` skips
                          allowed_max_length: int | None = None,  # cut longer examples (the model's context)
                          mask_prompt: bool = False,  # also hide the prompt's targets from the loss

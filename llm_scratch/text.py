@@ -20,10 +20,10 @@ import tiktoken.load
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import fetch
+from .data import DATASETS, fetch
 
 # %% auto #0
-__all__ = ['WORD_RE', 'GPT2_PATTERN', 'split_words', 'SimpleTokenizer', 'count_words', 'count_pairs', 'merge_pair',
+__all__ = ['WORD_RE', 'GPT2_PATTERN', 'EOT_ID', 'split_words', 'SimpleTokenizer', 'count_words', 'count_pairs', 'merge_pair',
            'train_bpe_naive', 'train_bpe', 'bpe_encode_piece', 'bpe_encode_piece_fast', 'bytes_to_unicode',
            'BPETokenizer', 'gpt2_tokenizer', 'GPTDataset', 'create_dataloader']
 
@@ -318,18 +318,20 @@ def _token_set(tokens: str | Sequence[str]) -> frozenset[str]:
     return frozenset([tokens] if isinstance(tokens, str) else tokens)
 
 # %% ../nbs/01_text.ipynb #06713b48
+EOT_ID = 50256  # GPT-2's <|endoftext|>, the last of its 50,257 ids: ends a document, and pads batches later on
+
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer() -> tiktoken.Encoding:
     "`tiktoken`'s GPT-2 encoding, built from the vocabulary files `fetch('gpt2-vocab')` provides."
     folder = fetch("gpt2-vocab")
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(  # checks the same SHA-256 as tiktoken's download
+    pinned = {Path(rf.path).name: rf.sha256 for rf in DATASETS["gpt2-vocab"].files}  # tiktoken checks them too
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(folder / "vocab.bpe"), encoder_json_file=str(folder / "encoder.json"),
-        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+        vocab_bpe_hash=pinned["vocab.bpe"], encoder_json_hash=pinned["encoder.json"])
     try: from tiktoken_ext.openai_public import r50k_pat_str as pattern  # tiktoken's own spelling of the regex
     except ImportError: pattern = GPT2_PATTERN
     return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT_ID}, explicit_n_vocab=EOT_ID + 1)
 
 # %% ../nbs/01_text.ipynb #aaa53ff0
 class GPTDataset(Dataset):

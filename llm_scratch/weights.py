@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import fetch_file, FetchError, RemoteFile, write_atomic
 from .model import PRESETS, GPTConfig, GPTModel
+from .text import EOT_ID
 
 # %% auto #0
 __all__ = ['GPT2_CHECKPOINTS', 'hf_name', 'is_conv1d', 'CheckpointError', 'gpt_state_dict', 'hf_state_dict', 'config_from_hf',
@@ -118,7 +119,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
          "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate, "layer_norm_epsilon": cfg.ln_eps,
          "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": cfg.tie_weights,
          "use_cache": True}
-    if cfg.vocab_size > 50256: d.update(bos_token_id=50256, eos_token_id=50256)  # <|endoftext|>
+    if cfg.vocab_size > EOT_ID: d.update(bos_token_id=EOT_ID, eos_token_id=EOT_ID)  # <|endoftext|>
     return d
 
 # %% ../nbs/04_weights.ipynb #339015ec
