@@ -37,7 +37,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from torch.distributed.tensor.placement_types import _StridedShard
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import DATASETS, FetchError, cache_dir, fetch, sha256sum, write_atomic
@@ -46,16 +45,16 @@ from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .pretrain import calc_loss_batch, rng_state, set_rng_state, warmup_cosine
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'COMMAND', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file', 'RunError', 'resolve_data',
-           'make_tokenizer', 'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank', 'count_params',
-           'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model',
-           'reset_accelerate', 'core_model', 'grad_sync', 'HeadwiseParallel', 'tensor_parallel', 'make_optimizer',
-           'autocast', 'clip_grad_norm', 'train_step', 'save_state', 'CheckpointDamaged', 'check_checkpoint',
-           'load_state', 'step_of', 'checkpoints', 'usable_checkpoint', 'latest_checkpoint', 'full_model',
-           'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics',
-           'model_config', 'holdings', 'run_command', 'check_out_folder', 'check_out', 'validate', 'Run', 'start_run',
-           'prune_checkpoints', 'save_run', 'finish_run', 'Diverged', 'json_line', 'train', 'free_port', 'tune_malloc',
-           'malloc_tuned', 'main']
+__all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file', 'RunError',
+           'resolve_data', 'make_tokenizer', 'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank',
+           'count_params', 'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model',
+           'reset_accelerate', 'core_model', 'grad_sync', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
+           'make_optimizer', 'autocast', 'clip_grad_norm', 'train_step', 'save_state', 'CheckpointDamaged',
+           'check_checkpoint', 'load_state', 'step_of', 'checkpoints', 'usable_checkpoint', 'latest_checkpoint',
+           'full_model', 'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics',
+           'plot_metrics', 'model_config', 'holdings', 'run_command', 'check_out_folder', 'check_out', 'validate',
+           'Run', 'start_run', 'prune_checkpoints', 'save_run', 'finish_run', 'Diverged', 'json_line', 'train',
+           'free_port', 'tune_malloc', 'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #2ca71503
 def safe_cut(text: str, start: int) -> int:
@@ -382,15 +381,31 @@ def grad_sync(model: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 # %% ../nbs/07_train.ipynb #a67feabf
+TP_TESTED_TORCH = ((2, 13), (2, 13))  # the torch releases (major, minor) on which the private APIs below were tested
+
+def private_tp_apis():
+    "`_StridedShard`, the one private PyTorch API tensor parallelism needs; a clear error if this torch lacks it."
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    try: from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        raise RunError(f"--strategy tp needs torch's private _StridedShard, which torch {torch.__version__} lacks; "
+                       f"it was tested on torch {'.'.join(map(str, TP_TESTED_TORCH[0]))}: use that, or ddp/fsdp") from None
+    if not TP_TESTED_TORCH[0] <= version <= TP_TESTED_TORCH[1]:
+        warnings.warn(f"tensor parallelism overrides private ColwiseParallel methods, tested on torch "
+                      f"{'.'.join(map(str, TP_TESTED_TORCH[0]))}-{'.'.join(map(str, TP_TESTED_TORCH[1]))}, not "
+                      f"{torch.__version__}: compare a short run with one process (tests/test_parallel.py does)")
+    return _StridedShard
+
 class HeadwiseParallel(ColwiseParallel):
     "`ColwiseParallel` for a fused q|k|v `Linear`: each process holds whole heads of q, k and v."
-    def _partition_linear_fn(self, name, module, device_mesh):
+    def _partition_linear_fn(self, name, module, device_mesh):  # a private hook of ColwiseParallel
+        _StridedShard = private_tp_apis()
         for n, p in module.named_parameters():  # q, k and v each split into N pieces; process r holds piece r of each
             shard = distribute_tensor(p, device_mesh, [_StridedShard(0, split_factor=3)], src_data_rank=self.src_data_rank)
             module.register_parameter(n, nn.Parameter(shard, requires_grad=p.requires_grad))
 
     @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):  # private too
         return outputs.to_local()  # [q | k | v] of this process's heads: the layout `split_heads` expects
 
 def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
