@@ -32,6 +32,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
@@ -49,12 +50,12 @@ __all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'safe_cut', 'split_text',
            'resolve_data', 'make_tokenizer', 'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank',
            'count_params', 'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model',
            'reset_accelerate', 'core_model', 'grad_sync', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
-           'make_optimizer', 'autocast', 'clip_grad_norm', 'train_step', 'save_state', 'CheckpointDamaged',
-           'check_checkpoint', 'load_state', 'step_of', 'checkpoints', 'usable_checkpoint', 'latest_checkpoint',
-           'full_model', 'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics',
-           'plot_metrics', 'model_config', 'holdings', 'run_command', 'check_out_folder', 'check_out', 'validate',
-           'Run', 'start_run', 'prune_checkpoints', 'save_run', 'finish_run', 'Diverged', 'json_line', 'train',
-           'free_port', 'tune_malloc', 'malloc_tuned', 'main']
+           'make_optimizer', 'autocast', 'clip_grad_norm', 'train_step', 'any_failed', 'save_state',
+           'CheckpointDamaged', 'check_checkpoint', 'load_state', 'step_of', 'checkpoints', 'usable_checkpoint',
+           'latest_checkpoint', 'full_model', 'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics',
+           'truncate_metrics', 'plot_metrics', 'model_config', 'holdings', 'run_command', 'check_out_folder',
+           'check_out', 'validate', 'Run', 'start_run', 'prune_checkpoints', 'save_run', 'finish_run', 'Diverged',
+           'json_line', 'train', 'free_port', 'tune_malloc', 'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #2ca71503
 def safe_cut(text: str, start: int) -> int:
@@ -504,14 +505,31 @@ def _manifest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256sum(p)}
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
+def any_failed(accelerator, failed: bool) -> bool:
+    "Whether `failed` is true in any process; every process must call it (it is also a barrier)."
+    if accelerator is None or accelerator.num_processes == 1: return failed
+    return accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), "sum").item() > 0
+
 def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelerator=None) -> Path:
     "Write a resumable checkpoint of `model`, `optimizer` and every process's RNG to `folder`, atomically."
     folder = Path(folder)
     rank, main = (accelerator.process_index, accelerator.is_main_process) if accelerator else (0, True)
     tmp = folder.with_name(f".{folder.name}.tmp")
-    try:
+
+    def together(part):  # run `part` here; stop every process, the older checkpoints untouched, if it failed in any
+        err = None
+        try: part()
+        except (OSError, FetchError, CheckpointException) as e: err = e  # a full disk, a folder we may not write
+        if any_failed(accelerator, err is not None):
+            if main: shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(f"could not write the checkpoint {folder.name} in {folder.parent} "
+                           f"({err or 'another process could not write its part'}); free some space or make the "
+                           "folder writable, then resume: the previous checkpoint is untouched") from err
+
+    def prepare():
         if main: shutil.rmtree(tmp, ignore_errors=True); (tmp / "rng").mkdir(parents=True)
-        _barrier(accelerator)
+
+    def write():  # every process: its shards, its random generators
         msd, osd = get_state_dict(model, optimizer, options=_state_options(model))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is fine
@@ -519,17 +537,15 @@ def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelera
                      storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
         tensors, rng_meta = _rng_tensors(rng_state())
         write_atomic(tmp / "rng" / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p), rng_meta))
-        _barrier(accelerator)
-        if main:
-            _write_text_atomic(tmp / "meta.json", json.dumps({**meta, "files": _manifest(tmp)}, indent=1))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            _write_text_atomic(folder.parent / "latest", folder.name)
-    except (OSError, FetchError) as e:  # a full disk, a folder we may not write: the older checkpoints stay
-        if main: shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"could not write the checkpoint {folder.name} in {folder.parent} ({e}); free some space or "
-                       f"make the folder writable, then resume: the previous checkpoint is untouched") from e
-    _barrier(accelerator)
+
+    def publish():  # process 0, once all have written: the list of files, then the name
+        if not main: return
+        _write_text_atomic(tmp / "meta.json", json.dumps({**meta, "files": _manifest(tmp)}, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        _write_text_atomic(folder.parent / "latest", folder.name)
+
+    for part in (prepare, write, publish): together(part)
     return folder
 
 class CheckpointDamaged(RunError):
@@ -736,7 +752,12 @@ def _seed_all(seed: int):
 
 def _data(cfg: TrainConfig, acc) -> tuple[np.ndarray, np.ndarray, dict]:
     "Training and validation tokens (tokenized by the first process of each machine, then shared through the cache)."
-    with acc.local_main_process_first(): path, meta = token_file(cfg.data, cfg.tokenizer)
+    err = None
+    if acc.is_local_main_process:  # the others wait, then read the cache; a bad --data stops them all cleanly
+        try: path, meta = token_file(cfg.data, cfg.tokenizer)
+        except (RunError, FetchError, FileNotFoundError) as e: err = e
+    if any_failed(acc, err is not None): raise err or RunError("the first process could not read --data (see its message)")
+    if not acc.is_local_main_process: path, meta = token_file(cfg.data, cfg.tokenizer)
     tokens = load_tokens(path)
     n_train = int(len(tokens) * (1 - cfg.val_fraction))
     return tokens[:n_train], tokens[n_train:], meta

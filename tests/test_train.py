@@ -214,6 +214,16 @@ def test_command_line_errors_are_clear(env, tmp_path):
     assert p.returncode == 2 and "already holds a run" in p.stderr
 
 
+def test_a_bad_data_file_stops_every_process_with_one_message(env, tmp_path):
+    "Process 0 reads --data first; when it fails, process 1 must stop too, not crash waiting for it."
+    (tmp_path / "empty.txt").write_bytes(b"")
+    p = run(env, ["--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "run")], nproc=2, check=False)
+    assert p.returncode != 0
+    assert p.stderr.count("llm_scratch_train: error:") == 1 and "is an empty file" in p.stderr
+    assert "[rank1]" not in p.stderr and "[rank0]" not in p.stderr, p.stderr[-3000:]  # no worker tracebacks
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_8_gpu_config_parses():
     from llm_scratch.train import parse_args
     repo = Path(__file__).resolve().parents[1]
