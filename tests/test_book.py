@@ -117,6 +117,17 @@ def test_chapter_page_loads_offline_and_clean(browser, site, doc):
     page.close()
 
 
+def test_exercise_solutions_are_folded_not_removed(browser, site):
+    page, errors, _ = open_page(browser, f"{site}/nbs/07_train.html")
+    toggles = page.locator("details.hide.above-input")
+    assert toggles.count() >= 3, "the three solutions of the chapter should each sit behind a toggle"
+    assert not any(toggles.nth(i).evaluate("e => e.open") for i in range(toggles.count()))  # folded, output too
+    toggles.first.locator("summary").click()
+    assert toggles.first.evaluate("e => e.open") and "Solution 1" in toggles.first.inner_text()
+    assert errors == []
+    page.close()
+
+
 def test_math_is_typeset(browser, site):
     page, errors, _ = open_page(browser, f"{site}/{chapters()[0]}.html")
     page.wait_for_selector("mjx-container", timeout=15_000)

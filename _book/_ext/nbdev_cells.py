@@ -8,6 +8,8 @@ change what is shown to jupyter-book cell tags:
 - `#| echo: false`               -> `remove-input`  (only the output is shown)
 - `#| output: false`             -> `remove-output`
 - `#| eval: false`               -> `skip-execution` (the stored outputs, if any, are shown)
+- `#| hide` on a cell that starts `# Solution` -> `hide-cell` (an exercise's solution: folded behind a
+  "show" toggle in the HTML book, printed in full at the chapter's end in the PDF)
 
 Each executed page says, under its title, how long its code took to run. It also drops sphinx-thebe's scripts from the HTML pages: the book is read offline, with no kernel.
 In the LaTeX book, each CJK character and each emoji/symbol that the Free fonts lack is made to switch
@@ -54,7 +56,8 @@ def strip_notebook(text):
         if not found: continue
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if not rest.strip(): tags.append("remove-cell")
-        for t in tags_for(found):
+        solution = "hide" in found and rest.lstrip().startswith("# Solution")
+        for t in (["hide-cell"] if solution else tags_for(found)):
             if t not in tags: tags.append(t)
         cell["source"] = rest.lstrip("\n")
     return json.dumps(nb)
