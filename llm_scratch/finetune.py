@@ -27,7 +27,7 @@ from .instruct import (collate_instructions, evaluate_responses, generate_respon
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
-from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, check_out_folder, core_model, json_line,
+from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, append_metrics, check_out_folder, core_model,
                                make_accelerator, make_optimizer, plot_metrics, read_metrics, reset_accelerate, wrap_model)
 from .weights import load_gpt2
 
@@ -149,10 +149,8 @@ def accuracy(model, ds: SpamDataset, acc=None, batch_size: int = 32, precision: 
 
 # %% ../nbs/12_finetune.ipynb #5e005673
 def _rows_writer(out: Path, main: bool):
-    def write(row: dict):
-        if main:
-            with open(out / "metrics.jsonl", "a") as f: f.write(json_line(row))
-    return write
+    "A function that appends a metrics row, in process 0 only."
+    return lambda row: append_metrics(out, row) if main else None
 
 def _command(args) -> str: return f"llm_scratch_finetune {args.task}"
 

@@ -55,7 +55,7 @@ __all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'safe_cut', 'split_text',
            'latest_checkpoint', 'full_model', 'load_trained', 'flops_per_token', 'peak_flops', 'read_metrics',
            'truncate_metrics', 'plot_metrics', 'model_config', 'holdings', 'run_command', 'check_out_folder',
            'check_out', 'validate', 'Run', 'start_run', 'prune_checkpoints', 'save_run', 'finish_run', 'Diverged',
-           'json_line', 'train', 'free_port', 'tune_malloc', 'malloc_tuned', 'main']
+           'json_line', 'append_metrics', 'train', 'free_port', 'tune_malloc', 'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #2ca71503
 def safe_cut(text: str, start: int) -> int:
@@ -909,6 +909,10 @@ def json_line(row: dict) -> str:
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     return json.dumps(clean, allow_nan=False) + "\n"
 
+def append_metrics(out: str | os.PathLike, row: dict):
+    "Append `row` to the run's `metrics.jsonl` (one line of strict JSON); both training commands log this way."
+    with open(Path(out) / "metrics.jsonl", "a") as f: f.write(json_line(row))
+
 def _postfix(row: dict) -> dict:
     "The progress bar's view of a metrics row."
     fmt = {"loss": "{:.3f}", "val_loss": "{:.3f}", "lr": "{:.1e}", "tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
@@ -952,7 +956,7 @@ def _train(cfg: TrainConfig, acc) -> dict | None:
                                                      run.forward)
             speeds.append(tps)
             if main:
-                with open(run.out / "metrics.jsonl", "a") as f: f.write(json_line(row))
+                append_metrics(run.out, row)
                 bar.set_postfix(_postfix(row), refresh=False)
             t_log, n_log = time.perf_counter(), 0
         bar.update(1)
