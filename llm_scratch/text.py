@@ -25,7 +25,7 @@ from .data import DATASETS, fetch
 # %% auto #0
 __all__ = ['WORD_RE', 'GPT2_PATTERN', 'EOT_ID', 'split_words', 'SimpleTokenizer', 'count_words', 'count_pairs', 'merge_pair',
            'train_bpe_naive', 'train_bpe', 'bpe_encode_piece', 'bpe_encode_piece_fast', 'bytes_to_unicode',
-           'BPETokenizer', 'gpt2_tokenizer', 'GPTDataset', 'create_dataloader']
+           'BPETokenizer', 'gpt2_tokenizer', 'CharTokenizer', 'GPTDataset', 'create_dataloader']
 
 # %% ../nbs/01_text.ipynb #7b5047ee
 WORD_RE = re.compile(r'([,.:;?_!"()\']|--|\s)')
@@ -332,6 +332,25 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     except ImportError: pattern = GPT2_PATTERN
     return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT_ID}, explicit_n_vocab=EOT_ID + 1)
+
+# %% ../nbs/01_text.ipynb #59893097
+class CharTokenizer:
+    "One token per character; the vocabulary is the sorted set of characters it was built from."
+    def __init__(self, chars: str | Sequence[str]):
+        self.chars = sorted(set(chars))
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def n_vocab(self) -> int: return len(self.chars)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        try: return [self.ids[c] for c in text]
+        except KeyError as e: raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
+
+    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str: return "".join(self.chars[i] for i in ids)
 
 # %% ../nbs/01_text.ipynb #aaa53ff0
 class GPTDataset(Dataset):

@@ -41,14 +41,14 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import DATASETS, FetchError, cache_dir, fetch, sha256sum, write_atomic
-from .text import gpt2_tokenizer
+from .text import CharTokenizer, gpt2_tokenizer
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .pretrain import calc_loss_batch, rng_state, set_rng_state, warmup_cosine
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'safe_cut', 'split_text', 'CharTokenizer', 'encode_file', 'RunError',
-           'resolve_data', 'make_tokenizer', 'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank',
-           'count_params', 'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model',
+__all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'safe_cut', 'split_text', 'encode_file', 'RunError', 'resolve_data',
+           'make_tokenizer', 'token_file', 'load_tokens', 'WindowSampler', 'bytes_per_rank', 'count_params',
+           'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_accelerator', 'wrap_model',
            'reset_accelerate', 'core_model', 'grad_sync', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
            'make_optimizer', 'autocast', 'clip_grad_norm', 'train_step', 'any_failed', 'save_state',
            'CheckpointDamaged', 'check_checkpoint', 'load_state', 'step_of', 'checkpoints', 'usable_checkpoint',
@@ -73,25 +73,6 @@ def split_text(text: str, size: int = 1 << 20) -> list[str]:
         pieces.append(text[start:cut]); start = cut
     pieces.append(text[start:])
     return pieces
-
-# %% ../nbs/07_train.ipynb #59893097
-class CharTokenizer:
-    "One token per character; the vocabulary is the sorted set of characters it was built from."
-    def __init__(self, chars: str | Sequence[str]):
-        self.chars = sorted(set(chars))
-        self.ids = {c: i for i, c in enumerate(self.chars)}
-
-    @property
-    def n_vocab(self) -> int: return len(self.chars)
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        try: return [self.ids[c] for c in text]
-        except KeyError as e: raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
-
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        return [self.encode_ordinary(t) for t in texts]
-
-    def decode(self, ids: Sequence[int]) -> str: return "".join(self.chars[i] for i in ids)
 
 # %% ../nbs/07_train.ipynb #5dee5045
 def _last_cut(text: str) -> int:
