@@ -322,7 +322,7 @@ class Bench:
     def data(self):
         from llm_scratch.data import fetch
         from llm_scratch.text import BPETokenizer, gpt2_tokenizer
-        from llm_scratch.train import WindowSampler, load_tokens, token_file
+        from llm_scratch.tokens import WindowSampler, load_tokens, token_file
         text = fetch("tinyshakespeare", progress=False).read_text(encoding="utf-8")
         ref, ours = gpt2_tokenizer(), BPETokenizer.from_gpt2()
         reps = 1 if self.args.quick else 3
