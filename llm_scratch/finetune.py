@@ -27,7 +27,7 @@ from .instruct import (collate_instructions, evaluate_responses, generate_respon
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
-from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, append_metrics, check_out_folder, core_model,
+from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, append_metrics, check_out_folder, core_model, start_folder,
                                make_accelerator, make_optimizer, plot_metrics, read_metrics, reset_accelerate, wrap_model)
 from .weights import load_gpt2
 
@@ -165,13 +165,8 @@ def _check_out(args) -> Path:
 def _start(args, acc) -> Path:
     "The output folder, made once the run is known to be able to start, with the options saved in it."
     out = _check_out(args)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        config = {"command": _command(args), **{k: v for k, v in vars(args).items() if k != "func"}}
-        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
-    acc.wait_for_everyone()
+    acc.wait_for_everyone()  # every process has looked at the folder before process 0 writes in it
+    start_folder(out, {"command": _command(args), **{k: v for k, v in vars(args).items() if k != "func"}}, acc)
     return out
 
 def _bar(total: int, main: bool, progress: bool):

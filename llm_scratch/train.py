@@ -52,9 +52,9 @@ __all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'bytes_per_rank', 'count_
            'train_step', 'any_failed', 'save_state', 'CheckpointDamaged', 'check_checkpoint', 'load_state', 'step_of',
            'checkpoints', 'usable_checkpoint', 'latest_checkpoint', 'full_model', 'load_trained', 'flops_per_token',
            'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'model_config', 'holdings', 'run_command',
-           'check_out_folder', 'check_out', 'validate', 'Run', 'start_run', 'prune_checkpoints', 'save_run',
-           'finish_run', 'Diverged', 'json_line', 'append_metrics', 'train', 'free_port', 'tune_malloc', 'malloc_tuned',
-           'main']
+           'check_out_folder', 'check_out', 'validate', 'Run', 'start_folder', 'start_run', 'prune_checkpoints',
+           'save_run', 'finish_run', 'Diverged', 'json_line', 'append_metrics', 'train', 'free_port', 'tune_malloc',
+           'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -633,6 +633,19 @@ class Run:
     @property
     def out(self) -> Path: return Path(self.cfg.out)
 
+def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
+    "Make the run folder (process 0): config.json, and metrics.jsonl emptied, or cut at `resume_step`; all stop if it fails."
+    err = None
+    if acc.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume_step is None: (out / "metrics.jsonl").write_text("")
+            else: truncate_metrics(out / "metrics.jsonl", resume_step)
+            _write_text_atomic(out / "config.json", json.dumps(config, indent=1))
+        except (OSError, FetchError) as e: err = e
+    if any_failed(acc, err is not None):
+        raise RunError(f"cannot write the run folder {out} ({err or 'process 0 could not'}); choose a --out you can write")
+
 def start_run(cfg: TrainConfig, acc) -> Run:
     "Data, model, optimiser and samplers of run `cfg` in this process; restored from a checkpoint on resume."
     out, world, rank = Path(cfg.out), acc.num_processes, acc.process_index
@@ -672,11 +685,8 @@ def start_run(cfg: TrainConfig, acc) -> Run:
         if saved["world_size"] != world and acc.is_main_process:
             print(f"note: resuming a {saved['world_size']}-process run on {world}: the same global batches, but "
                   "dropout's random streams differ")
+    start_folder(out, {"command": COMMAND, **dataclasses.asdict(cfg)}, acc, None if ckpt is None else run.step)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None: (out / "metrics.jsonl").write_text("")
-        else: truncate_metrics(out / "metrics.jsonl", run.step)
-        _write_text_atomic(out / "config.json", json.dumps({"command": COMMAND, **dataclasses.asdict(cfg)}, indent=1))
         print(f"{cfg.model}: {n_params:,} parameters, {world} process(es), {cfg.strategy}, {acc.device}; "
               f"{len(train_tokens):,} training tokens; " + (f"resuming at step {run.step}" if ckpt else "from scratch"))
     return run

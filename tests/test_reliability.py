@@ -206,6 +206,8 @@ def test_out_must_be_new_empty_or_a_run_of_the_same_command(tmp_path, capsys):
                      (ft, "not a run of llm_scratch_train")):
         assert main(common + ["--out", str(out)]) == 2
         assert msg in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "a-file" / "run")]) == 2  # a folder that cannot be made
+    assert "cannot write the run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e: main(common + ["--out", ""])
     assert e.value.code == 2 and "out must name a folder" in capsys.readouterr().err
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
@@ -216,10 +218,13 @@ def test_out_must_be_new_empty_or_a_run_of_the_same_command(tmp_path, capsys):
 def test_finetune_out_is_checked_the_same_way(tmp_path, capsys):
     from llm_scratch.finetune import main as finetune
     (tmp_path / "notes").mkdir(); (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "f").write_text("a file")
     run = tmp_path / "run"; run.mkdir(); (run / "config.json").write_text(json.dumps({"command": "llm_scratch_train"}))
     for out, msg in ((tmp_path / "notes", "holds other files"), (run, "not a run of llm_scratch_finetune classify")):
         assert finetune(["classify", "--init", "scratch:tiny", "--limit", "8", "--out", str(out)]) == 2
         assert msg in capsys.readouterr().err
+    assert finetune(["classify", "--init", "scratch:tiny", "--limit", "8", "--out", str(tmp_path / "f" / "x")]) == 2
+    assert "cannot write the run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e: finetune(["instruct", "--init", "scratch:tiny", "--out", " "])
     assert e.value.code == 2 and "--out must name a folder" in capsys.readouterr().err
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
