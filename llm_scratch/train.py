@@ -313,11 +313,15 @@ def _state_options(model) -> StateDictOptions:
     tp = not isinstance(model, FSDPModule) and any(isinstance(p, DTensor) for p in model.parameters())
     return StateDictOptions(full_state_dict=tp)
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    "This process's part of `t`: a DTensor's local shard, or `t` itself."
+    return t.to_local() if isinstance(t, DTensor) else t
+
 def _unshared(sd: dict) -> dict:
     "`sd` without the entries that repeat an earlier tensor (a tied head): safetensors stores each tensor once."
     seen, out = set(), {}
     for k, v in sd.items():
-        t = v.to_local() if isinstance(v, DTensor) else v
+        t = _local(v)
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen: seen.add(key); out[k] = v
     return out
@@ -460,10 +464,10 @@ def load_trained(folder: str | os.PathLike) -> GPTModel:
     "A `GPTModel` (eval mode, CPU) from a training checkpoint folder (or a run's newest), sharded or not, in one process."
     folder = Path(folder)
     if (folder / "checkpoints").is_dir():
-        found, skipped = usable_checkpoint(folder)
+        found, skipped = usable_checkpoint(folder)  # checks each file's hash
         if found is None: raise RunError(f"{folder} has no intact checkpoint: " + ("; ".join(skipped) or "none saved"))
-        folder = found
-    meta = check_checkpoint(folder)
+        folder, meta = found, json.loads((found / "meta.json").read_text())
+    else: meta = check_checkpoint(folder)
     model = GPTModel(GPTConfig(**meta["model_config"]))
     sd = model.state_dict()
     with warnings.catch_warnings():
@@ -531,9 +535,6 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     if cfg.context_length is not None: over["context_length"] = cfg.context_length
     if cfg.dropout is not None: over["drop_rate"] = cfg.dropout
     return GPTConfig.from_preset(cfg.model, **over)
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 def holdings(model: torch.nn.Module, optimizer) -> dict:
     "Elements of parameters, gradients and optimiser state this process holds, and a hash of its parameters."
@@ -708,8 +709,7 @@ def prune_checkpoints(out: Path, step: int, keep: int) -> list[Path]:
 def save_run(run: Run):
     "Checkpoint `run` at its current step (all processes together), keeping the newest `keep` checkpoints."
     if not _finite_weights(run.model, run.acc):
-        raise Diverged(f"the weights hold NaN or infinite values at step {run.step}: training diverged. {_kept(run)} "
-                       "Lower --lr, raise --warmup or keep --grad-clip on, and start a new --out.")
+        raise _diverged(run, f"the weights hold NaN or infinite values at step {run.step}")
     info = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.acc.num_processes,
             "global_batch": run.sampler.global_batch, "strategy": run.cfg.strategy,
             "config": dataclasses.asdict(run.cfg), "model_config": dataclasses.asdict(run.mcfg),
@@ -746,9 +746,12 @@ def finish_run(run: Run, speeds: list[float]) -> dict | None:
 class Diverged(RunError):
     "The loss or the gradient norm stopped being a finite number."
 
-def _kept(run: Run) -> str:
-    return (f"The last checkpoint, step {run.saved_at}, is kept; nothing after it was saved." if run.saved_at >= 0
+def _diverged(run: Run, what: str) -> Diverged:
+    "The error that stops a run whose numbers stopped being finite: what happened, what was kept, what to do."
+    kept = (f"The last checkpoint, step {run.saved_at}, is kept; nothing after it was saved." if run.saved_at >= 0
             else "No checkpoint had been saved.")
+    return Diverged(f"{what}: training diverged. {kept} Lower --lr, raise --warmup or keep --grad-clip on, "
+                    "and start a new --out.")
 
 def json_line(row: dict) -> str:
     "`row` as one line of strict JSON: a NaN or infinite number becomes null."
@@ -788,9 +791,8 @@ def _train(cfg: TrainConfig, acc) -> dict | None:
                                 cfg.grad_clip, run.forward)
         loss = acc.reduce(loss, "mean").item()  # the mean over all processes
         if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
-            raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
-                           f"{loss if not math.isfinite(loss) else norm} at step {run.step + 1}: training diverged. "
-                           f"{_kept(run)} Lower --lr, raise --warmup or keep --grad-clip on, and start a new --out.")
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+            raise _diverged(run, f"{what} at step {run.step + 1}")
         run.step += 1; run.tokens_seen += step_tokens; n_log += 1
         last = run.step == cfg.max_steps
         evaluate = cfg.eval_every > 0 and (run.step % cfg.eval_every == 0 or last)
