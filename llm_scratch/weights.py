@@ -60,7 +60,7 @@ def gpt_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
             key = "wte.weight"
         if key not in hf: missing.append(key); continue
         used.add(key)
-        t = hf[key].t() if is_conv1d(name) else hf[key]
+        t = hf[key].t().contiguous() if is_conv1d(name) else hf[key]  # row-major, as a freshly built model's
         if t.shape != shape:
             want = tuple(reversed(shape)) if is_conv1d(name) else tuple(shape)
             misshaped.append(f"{key}: {tuple(hf[key].shape)}, expected {want}")
