@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from llm_scratch import perf  # noqa: E402
 from llm_scratch.data import write_atomic  # noqa: E402
 from llm_scratch.model import GPTConfig, GPTModel, num_params  # noqa: E402
-from llm_scratch.train import make_optimizer, malloc_tuned, tune_malloc  # noqa: E402
+from llm_scratch.train import make_optimizer, malloc_tuned, tune_malloc # noqa: E402
 
 # model shapes: (name, GPTConfig keyword arguments); GPT-2's vocabulary throughout
 SHAPES = {

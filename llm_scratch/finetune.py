@@ -27,8 +27,9 @@ from .instruct import (collate_instructions, evaluate_responses, generate_respon
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
-from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, append_metrics, check_out_folder, core_model, start_folder,
-                               make_accelerator, make_optimizer, plot_metrics, read_metrics, reset_accelerate, wrap_model)
+from .metrics import append_metrics, plot_metrics, read_metrics
+from .distributed import core_model, make_accelerator, reset_accelerate, wrap_model
+from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, check_out_folder, start_folder, make_optimizer)
 from .weights import load_gpt2
 
 # %% auto #0

@@ -17,7 +17,7 @@ from .attention import MultiHeadAttention
 
 # %% auto #0
 __all__ = ['PRESETS', 'GPTConfig', 'LayerNorm', 'GELU', 'FeedForward', 'TransformerBlock', 'GPTModel', 'num_params',
-           'param_bytes', 'generate_simple']
+           'param_bytes', 'count_params', 'generate_simple']
 
 # %% ../nbs/03_model.ipynb #f17ec7ef
 @dataclass(frozen=True)
@@ -187,6 +187,13 @@ def num_params(model: nn.Module) -> int:
 def param_bytes(model: nn.Module) -> int:
     "Bytes the parameters of `model` occupy (a tied matrix counts once)."
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+# %% ../nbs/03_model.ipynb #a9e3bfd4
+def count_params(cfg: GPTConfig) -> int:
+    "The number of parameters of `GPTModel(cfg)`, from the configuration alone (a tied head counts once)."
+    d, v = cfg.emb_dim, cfg.vocab_size
+    block = 12 * d * d + (3 * d if cfg.qkv_bias else 0) + 6 * d + 4 * d  # weights, other biases, two LayerNorms
+    return v * d * (1 if cfg.tie_weights else 2) + cfg.context_length * d + cfg.n_layers * block + 2 * d
 
 # %% ../nbs/03_model.ipynb #602ffa04
 def generate_simple(model: nn.Module,

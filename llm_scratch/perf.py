@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .model import GPTConfig, GPTModel
 from .weights import config_to_hf, hf_state_dict
 from .pretrain import calc_loss_batch
-from .train import flops_per_token, make_optimizer
+from .metrics import flops_per_token
+from .train import make_optimizer
 
 # %% auto #0
 __all__ = ['LEVERS', 'interleaved', 'matmul_flops', 'copy_bandwidth', 'train_flops', 'mfu', 'to_hf', 'anchor_config',
@@ -83,7 +84,7 @@ def copy_bandwidth(mbytes: int = 256, device: str | torch.device = "cpu", repeat
 
 # %% ../nbs/90_performance.ipynb #661861e6
 def train_flops(cfg: GPTConfig, tokens: int) -> float:
-    "Training FLOPs per token of `GPTModel(cfg)` on windows of `tokens` tokens (see `llm_scratch.train.flops_per_token`)."
+    "Training FLOPs per token of `GPTModel(cfg)` on windows of `tokens` tokens (see `llm_scratch.metrics.flops_per_token`)."
     return flops_per_token(cfg.replace(context_length=tokens))
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

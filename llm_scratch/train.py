@@ -6,20 +6,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,50 +22,22 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
-from .data import DATASETS, FetchError, sha256sum, write_atomic
+from .data import DATASETS, FetchError, write_atomic
 from .tokens import RunError, WindowSampler, load_tokens, token_file
 from .model import PRESETS, GPTConfig, GPTModel, num_params
-from .pretrain import calc_loss_batch, rng_state, set_rng_state, warmup_cosine
+from .pretrain import calc_loss_batch, warmup_cosine
+from .metrics import append_metrics, flops_per_token, peak_flops, plot_metrics, read_metrics, truncate_metrics
+from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
+                                     reset_accelerate, wrap_model)
+from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'TP_TESTED_TORCH', 'COMMAND', 'bytes_per_rank', 'count_params', 'TrainConfig', 'build_parser',
-           'read_toml', 'parse_args', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync',
-           'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel', 'make_optimizer', 'autocast', 'clip_grad_norm',
-           'train_step', 'any_failed', 'save_state', 'CheckpointDamaged', 'check_checkpoint', 'load_state', 'step_of',
-           'checkpoints', 'usable_checkpoint', 'latest_checkpoint', 'full_model', 'load_trained', 'flops_per_token',
-           'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'model_config', 'holdings', 'run_command',
-           'check_out_folder', 'check_out', 'validate', 'Run', 'start_folder', 'start_run', 'prune_checkpoints',
-           'save_run', 'finish_run', 'Diverged', 'json_line', 'append_metrics', 'train', 'free_port', 'tune_malloc',
+__all__ = ['MALLOC_TIP', 'COMMAND', 'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_optimizer', 'autocast',
+           'clip_grad_norm', 'train_step', 'model_config', 'run_command', 'check_out_folder', 'check_out', 'validate',
+           'Run', 'start_folder', 'start_run', 'save_run', 'finish_run', 'Diverged', 'train', 'tune_malloc',
            'malloc_tuned', 'main']
-
-# %% ../nbs/07_train.ipynb #8be00759
-def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
-                   param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8) -> dict[str, float]:
-    "Bytes of parameters, gradients and optimiser state one process holds under `strategy` ('ddp' or 'fsdp')."
-    if strategy not in ("ddp", "fsdp"): raise ValueError(f"unknown strategy {strategy!r}: choose ddp or fsdp")
-    share = 1 if strategy == "ddp" else 1 / world_size
-    return {"parameters": n_params * param_bytes * share, "gradients": n_params * grad_bytes * share,
-            "optimizer": n_params * optim_bytes * share}
-
-# %% ../nbs/07_train.ipynb #a9e3bfd4
-def count_params(cfg: GPTConfig) -> int:
-    "The number of parameters of `GPTModel(cfg)`, from the configuration alone (a tied head counts once)."
-    d, v = cfg.emb_dim, cfg.vocab_size
-    block = 12 * d * d + (3 * d if cfg.qkv_bias else 0) + 6 * d + 4 * d  # weights, other biases, two LayerNorms
-    return v * d * (1 if cfg.tie_weights else 2) + cfg.context_length * d + cfg.n_layers * block + 2 * d
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
@@ -181,83 +148,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         return TrainConfig(**{**values, **given})
     except (ValueError, OSError) as e: p.error(str(e))
 
-# %% ../nbs/07_train.ipynb #16d388f3
-def make_accelerator():
-    "The `Accelerator` of this process: it joins the process group a launcher set up, on GPU or CPU."
-    from accelerate import Accelerator
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return Accelerator(cpu=cpu, mixed_precision="no")  # mixed precision: our torch.autocast, see `--precision`
-
-def wrap_model(model: GPTModel, strategy: str, accelerator) -> torch.nn.Module:
-    "`model` on this process's device, wrapped for `strategy` when there are several processes."
-    model = model.to(accelerator.device)
-    if accelerator.num_processes == 1: return model
-    if strategy == "ddp": return accelerator.prepare_model(model)  # DistributedDataParallel
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    if strategy == "tp": return tensor_parallel(model, mesh)
-    for block in model.blocks: fully_shard(block, mesh=mesh)  # one all-gather per block
-    return fully_shard(model, mesh=mesh)  # embeddings, final norm, the tied head
-
-def reset_accelerate():
-    "Forget accelerate's process-wide state (as `notebook_launcher` requires before it starts processes)."
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-def core_model(model: torch.nn.Module) -> GPTModel:
-    "The `GPTModel` inside a DDP wrapper (an FSDP model is its own core)."
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-# %% ../nbs/07_train.ipynb #eb0fcf65
-def grad_sync(model: torch.nn.Module, sync: bool):
-    "A context in which `backward()` does (`sync=True`) or does not average gradients across processes."
-    if isinstance(model, DistributedDataParallel): return contextlib.nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"): model.set_requires_gradient_sync(sync)  # FSDP2
-    return contextlib.nullcontext()
-
-# %% ../nbs/07_train.ipynb #a67feabf
-TP_TESTED_TORCH = ((2, 13), (2, 13))  # the torch releases (major, minor) on which the private APIs below were tested
-
-def private_tp_apis():
-    "`_StridedShard`, the one private PyTorch API tensor parallelism needs; a clear error if this torch lacks it."
-    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    try: from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:
-        raise RunError(f"--strategy tp needs torch's private _StridedShard, which torch {torch.__version__} lacks; "
-                       f"it was tested on torch {'.'.join(map(str, TP_TESTED_TORCH[0]))}: use that, or ddp/fsdp") from None
-    if not TP_TESTED_TORCH[0] <= version <= TP_TESTED_TORCH[1]:
-        warnings.warn(f"tensor parallelism overrides private ColwiseParallel methods, tested on torch "
-                      f"{'.'.join(map(str, TP_TESTED_TORCH[0]))}-{'.'.join(map(str, TP_TESTED_TORCH[1]))}, not "
-                      f"{torch.__version__}: compare a short run with one process (tests/test_parallel.py does)")
-    return _StridedShard
-
-class HeadwiseParallel(ColwiseParallel):
-    "`ColwiseParallel` for a fused q|k|v `Linear`: each process holds whole heads of q, k and v."
-    def _partition_linear_fn(self, name, module, device_mesh):  # a private hook of ColwiseParallel
-        _StridedShard = private_tp_apis()
-        for n, p in module.named_parameters():  # q, k and v each split into N pieces; process r holds piece r of each
-            shard = distribute_tensor(p, device_mesh, [_StridedShard(0, split_factor=3)], src_data_rank=self.src_data_rank)
-            module.register_parameter(n, nn.Parameter(shard, requires_grad=p.requires_grad))
-
-    @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):  # private too
-        return outputs.to_local()  # [q | k | v] of this process's heads: the layout `split_heads` expects
-
-def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
-    "Split every block's attention heads and MLP across the processes of `mesh` (Megatron-style), in place."
-    n = mesh.size()
-    if model.cfg.n_heads % n:
-        raise ValueError(f"tensor parallelism over {n} processes needs n_heads divisible by {n}, but the model has "
-                         f"{model.cfg.n_heads} heads; run a number of processes that divides {model.cfg.n_heads}")
-    plan = {"att.qkv": HeadwiseParallel(), "att.proj": RowwiseParallel(),
-            "ff.fc": ColwiseParallel(), "ff.proj": RowwiseParallel()}
-    for block in model.blocks:
-        parallelize_module(block, mesh, plan)
-        block.att.shard_heads(n)  # this process's heads
-    return model
-
 # %% ../nbs/07_train.ipynb #4d805422
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    fused: bool | None = None) -> torch.optim.AdamW:
@@ -302,228 +192,6 @@ def train_step(model, optimizer, sampler: WindowSampler, step: int, lr: float, d
     optimizer.step()
     return total / sampler.grad_accum, norm
 
-# %% ../nbs/07_train.ipynb #2d65603d
-def _barrier(accelerator):
-    if accelerator is not None: accelerator.wait_for_everyone()
-
-def _write_text_atomic(path: Path, text: str): write_atomic(path, lambda tmp: tmp.write_text(text))
-
-def _state_options(model) -> StateDictOptions:
-    "Full state dicts for a tensor-parallel model (DCP cannot store its head-wise shards); sharded ones otherwise."
-    tp = not isinstance(model, FSDPModule) and any(isinstance(p, DTensor) for p in model.parameters())
-    return StateDictOptions(full_state_dict=tp)
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    "This process's part of `t`: a DTensor's local shard, or `t` itself."
-    return t.to_local() if isinstance(t, DTensor) else t
-
-def _unshared(sd: dict) -> dict:
-    "`sd` without the entries that repeat an earlier tensor (a tied head): safetensors stores each tensor once."
-    seen, out = set(), {}
-    for k, v in sd.items():
-        t = _local(v)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen: seen.add(key); out[k] = v
-    return out
-
-def _rng_tensors(state: dict) -> tuple[dict, dict]:
-    "`rng_state()` as tensors and string metadata: what a safetensors file holds."
-    tensors = {"python": torch.tensor(state["python"], dtype=torch.int64), "numpy": state["numpy"], "torch": state["torch"]}
-    tensors.update({f"cuda.{i}": t for i, t in enumerate(state.get("cuda", []))})
-    return tensors, {"python_pos": json.dumps(state["python_pos"]), "numpy_pos": json.dumps(state["numpy_pos"])}
-
-def _rng_from(tensors: dict, meta: dict) -> dict:
-    "The inverse of `_rng_tensors`."
-    state = {"python": tensors["python"].tolist(), "numpy": tensors["numpy"], "torch": tensors["torch"],
-             "python_pos": json.loads(meta["python_pos"]), "numpy_pos": json.loads(meta["numpy_pos"])}
-    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
-    if cuda: state["cuda"] = [v for _, v in cuda]
-    return state
-
-def _manifest(folder: Path) -> dict:
-    "Size and SHA-256 of every file under `folder`, by relative path."
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256sum(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-def any_failed(accelerator, failed: bool) -> bool:
-    "Whether `failed` is true in any process; every process must call it (it is also a barrier)."
-    if accelerator is None or accelerator.num_processes == 1: return failed
-    return accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), "sum").item() > 0
-
-def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelerator=None) -> Path:
-    "Write a resumable checkpoint of `model`, `optimizer` and every process's RNG to `folder`, atomically."
-    folder = Path(folder)
-    rank, main = (accelerator.process_index, accelerator.is_main_process) if accelerator else (0, True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-
-    def together(part):  # run `part` here; stop every process, the older checkpoints untouched, if it failed in any
-        err = None
-        try: part()
-        except (OSError, FetchError, CheckpointException) as e: err = e  # a full disk, a folder we may not write
-        if any_failed(accelerator, err is not None):
-            if main: shutil.rmtree(tmp, ignore_errors=True)
-            raise RunError(f"could not write the checkpoint {folder.name} in {folder.parent} "
-                           f"({err or 'another process could not write its part'}); free some space or make the "
-                           "folder writable, then resume: the previous checkpoint is untouched") from err
-
-    def prepare():
-        if main: shutil.rmtree(tmp, ignore_errors=True); (tmp / "rng").mkdir(parents=True)
-
-    def write():  # every process: its shards, its random generators
-        msd, osd = get_state_dict(model, optimizer, options=_state_options(model))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is fine
-            dcp.save({"model": _unshared(msd), "optimizer": {"state": osd["state"]}},
-                     storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
-        tensors, rng_meta = _rng_tensors(rng_state())
-        write_atomic(tmp / "rng" / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p), rng_meta))
-
-    def publish():  # process 0, once all have written: the list of files, then the name
-        if not main: return
-        _write_text_atomic(tmp / "meta.json", json.dumps({**meta, "files": _manifest(tmp)}, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        _write_text_atomic(folder.parent / "latest", folder.name)
-
-    for part in (prepare, write, publish): together(part)
-    return folder
-
-class CheckpointDamaged(RunError):
-    "A checkpoint folder is incomplete or its files differ from the ones it recorded."
-
-def check_checkpoint(folder: str | os.PathLike) -> dict:
-    "The `meta.json` of checkpoint `folder`, once every file it lists is there with its size and SHA-256."
-    folder = Path(folder)
-    try: meta = json.loads((folder / "meta.json").read_text())
-    except FileNotFoundError: raise CheckpointDamaged(f"{folder.name} has no meta.json (cut short while saving?)") from None
-    except (OSError, ValueError) as e: raise CheckpointDamaged(f"{folder.name}/meta.json is unreadable ({e})") from None
-    files = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise CheckpointDamaged(f"{folder.name}/meta.json lists no files: it was written by an older llm_scratch, "
-                                "whose checkpoints are unpickled to load and are not read any more")
-    for name, want in files.items():
-        p = folder / name
-        if ".." in Path(name).parts or not p.is_file(): raise CheckpointDamaged(f"{folder.name}/{name} is missing")
-        if p.stat().st_size != want["bytes"]:
-            raise CheckpointDamaged(f"{folder.name}/{name} has {p.stat().st_size:,} bytes, expected {want['bytes']:,}")
-        if sha256sum(p) != want["sha256"]: raise CheckpointDamaged(f"{folder.name}/{name} differs from the file saved")
-    return meta
-
-def load_state(folder: str | os.PathLike, model, optimizer, accelerator=None, check: bool = True) -> dict:
-    "Restore `model`, `optimizer` and this process's RNG from a `save_state` folder; returns its meta."
-    folder = Path(folder)
-    meta = check_checkpoint(folder) if check else json.loads((folder / "meta.json").read_text())
-    rank = accelerator.process_index if accelerator else 0
-    opts = _state_options(model)
-    msd, osd = get_state_dict(model, optimizer, options=opts)  # templates in this process's layout (DCP reshards into them)
-    state = {"model": _unshared(msd), "optimizer": {"state": osd["state"]}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))  # safetensors only: nothing unpickled
-    set_state_dict(model, optimizer, model_state_dict=msd, options=opts,
-                   optim_state_dict={"state": state["optimizer"]["state"], "param_groups": osd["param_groups"]})
-    rng = folder / "rng" / f"rank{rank}.safetensors"
-    if rng.is_file():
-        with safe_open(str(rng), "pt") as f: set_rng_state(_rng_from({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
-    return meta
-
-def step_of(folder: Path) -> int | None:
-    "The step number of a checkpoint folder `step_<N>`, or None for any other name."
-    m = re.fullmatch(r"step_(\d+)", folder.name)
-    return int(m[1]) if m else None
-
-def checkpoints(out: str | os.PathLike) -> list[Path]:
-    "The checkpoint folders of run `out`, newest (highest step) first."
-    folder = Path(out) / "checkpoints"
-    found = [p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None] if folder.is_dir() else []
-    return sorted(found, key=step_of, reverse=True)
-
-def usable_checkpoint(out: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    "The newest checkpoint of run `out` whose files are all intact (or None), and why each newer one was skipped."
-    skipped = []
-    for folder in checkpoints(out):
-        try: check_checkpoint(folder); return folder, skipped
-        except CheckpointDamaged as e: skipped.append(str(e))
-    return None, skipped
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    "The newest intact checkpoint folder of run `out`, or None."
-    return usable_checkpoint(out)[0]
-
-# %% ../nbs/07_train.ipynb #c396d14a
-def full_model(model: torch.nn.Module, cfg: GPTConfig, accelerator=None) -> GPTModel | None:
-    "The whole trained model, gathered from all processes, on the CPU of process 0 (None elsewhere)."
-    if accelerator is None or accelerator.num_processes == 1: sd = core_model(model).state_dict()
-    else: sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if accelerator is not None and not accelerator.is_main_process: return None
-    out = GPTModel(cfg)
-    out.load_state_dict({k: v.detach().cpu() for k, v in sd.items()})
-    return out.eval()
-
-def load_trained(folder: str | os.PathLike) -> GPTModel:
-    "A `GPTModel` (eval mode, CPU) from a training checkpoint folder (or a run's newest), sharded or not, in one process."
-    folder = Path(folder)
-    if (folder / "checkpoints").is_dir():
-        found, skipped = usable_checkpoint(folder)  # checks each file's hash
-        if found is None: raise RunError(f"{folder} has no intact checkpoint: " + ("; ".join(skipped) or "none saved"))
-        folder, meta = found, json.loads((found / "meta.json").read_text())
-    else: meta = check_checkpoint(folder)
-    model = GPTModel(GPTConfig(**meta["model_config"]))
-    sd = model.state_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load({"model": _unshared(sd)}, storage_reader=HuggingFaceStorageReader(str(folder)))
-    model.load_state_dict(sd)
-    return model.eval()
-
-# %% ../nbs/07_train.ipynb #b409448b
-def flops_per_token(cfg: GPTConfig) -> float:
-    "Training FLOPs per token: 6 per parameter (position embeddings excluded) plus attention's 12 L T d."
-    n = count_params(cfg) - cfg.context_length * cfg.emb_dim
-    return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim
-
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-                  "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks; V100 and T4 have no bf16 cores
-
-def peak_flops(device: torch.device, precision: str = "fp32") -> float | None:
-    "A guess of one device's peak FLOP/s (bf16, or TF32/fp32 for fp32); None if unknown."
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in _GPU_PEAK_BF16.items() if k in name), None)
-        return peak if peak is None or precision == "bf16" else peak / 2  # TF32 runs at half the bf16 rate
-    if device.type == "cpu":  # measured on the book's machine: 2-core matmul peak, per core
-        return torch.get_num_threads() * (565e9 if precision == "bf16" else 122e9)
-    return None
-
-# %% ../nbs/07_train.ipynb #17912c41
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    "The rows of a `metrics.jsonl` file (a run folder is fine too)."
-    path = Path(path)
-    if path.is_dir(): path = path / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: pass  # a line cut short by a crash
-    return rows
-
-def truncate_metrics(path: Path, step: int):
-    "Drop the rows of `metrics.jsonl` after `step` (they will be written again by the resumed run)."
-    if path.is_file(): _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path)
-                                                        if r["step"] <= step))
-
-def plot_metrics(rows: list[dict], path: str | os.PathLike | None = None, title: str = ""):
-    "Training and validation loss against the step; saved to `path` as PNG if given."
-    from matplotlib.figure import Figure  # no pyplot: works in any process, with no display
-    fig = Figure(figsize=(6, 3.2))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training loss")
-    val = [r for r in rows if "val_loss" in r]
-    if val: ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", label="validation loss")
-    ax.set_xlabel("step"); ax.set_ylabel("cross-entropy loss"); ax.set_title(title); ax.legend()
-    fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=120)
-    return fig
-
 # %% ../nbs/07_train.ipynb #d59f8b04
 COMMAND = "llm_scratch_train"  # recorded in a run's config.json: the command that may write into the folder
 _RESUME_KEYS = ("model", "data", "tokenizer", "context_length", "dropout", "lr",
@@ -535,16 +203,6 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     if cfg.context_length is not None: over["context_length"] = cfg.context_length
     if cfg.dropout is not None: over["drop_rate"] = cfg.dropout
     return GPTConfig.from_preset(cfg.model, **over)
-
-def holdings(model: torch.nn.Module, optimizer) -> dict:
-    "Elements of parameters, gradients and optimiser state this process holds, and a hash of its parameters."
-    params = [_local(p.detach()) for p in model.parameters()]
-    h = hashlib.sha256()
-    for p in params: h.update(p.cpu().float().numpy().tobytes())
-    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-    state = [_local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"parameters": sum(p.numel() for p in params), "gradients": sum(g.numel() for g in grads),
-            "optimizer_state": sum(v.numel() for v in state), "fingerprint": h.hexdigest()[:16]}
 
 # %% ../nbs/07_train.ipynb #08f8a1cc
 def run_command(out: Path) -> str | None:
@@ -642,7 +300,7 @@ def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
             out.mkdir(parents=True, exist_ok=True)
             if resume_step is None: (out / "metrics.jsonl").write_text("")
             else: truncate_metrics(out / "metrics.jsonl", resume_step)
-            _write_text_atomic(out / "config.json", json.dumps(config, indent=1))
+            write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
         except (OSError, FetchError) as e: err = e
     if any_failed(acc, err is not None):
         raise RunError(f"cannot write the run folder {out} ({err or 'process 0 could not'}); choose a --out you can write")
@@ -698,14 +356,6 @@ def _finite_weights(model, acc) -> bool:
     ok = torch.tensor([float(all(torch.isfinite(_local(p.detach())).all() for p in model.parameters()))], device=acc.device)
     return acc.reduce(ok, "sum").item() == acc.num_processes  # 1 from each process that is fine
 
-def prune_checkpoints(out: Path, step: int, keep: int) -> list[Path]:
-    "Delete all but the newest `keep` checkpoints up to `step`, and any past it (damaged ones a resume skipped)."
-    found = checkpoints(out)  # highest step first, by number: step_1000000 is newer than step_999999
-    gone = [p for p in found if step_of(p) > step] + [p for p in found if step_of(p) <= step][keep:]
-    gone += list((Path(out) / "checkpoints").glob(".step_*.tmp"))  # left by a process killed while saving
-    for p in gone: shutil.rmtree(p)
-    return gone
-
 def save_run(run: Run):
     "Checkpoint `run` at its current step (all processes together), keeping the newest `keep` checkpoints."
     if not _finite_weights(run.model, run.acc):
@@ -752,15 +402,6 @@ def _diverged(run: Run, what: str) -> Diverged:
             else "No checkpoint had been saved.")
     return Diverged(f"{what}: training diverged. {kept} Lower --lr, raise --warmup or keep --grad-clip on, "
                     "and start a new --out.")
-
-def json_line(row: dict) -> str:
-    "`row` as one line of strict JSON: a NaN or infinite number becomes null."
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
-
-def append_metrics(out: str | os.PathLike, row: dict):
-    "Append `row` to the run's `metrics.jsonl` (one line of strict JSON); both training commands log this way."
-    with open(Path(out) / "metrics.jsonl", "a") as f: f.write(json_line(row))
 
 def _postfix(row: dict) -> dict:
     "The progress bar's view of a metrics row."
@@ -814,13 +455,6 @@ def _train(cfg: TrainConfig, acc) -> dict | None:
     bar.close()
     if run.saved_at != run.step: save_run(run)
     return finish_run(run, speeds)
-
-# %% ../nbs/07_train.ipynb #6a523018
-def free_port() -> int:
-    "A TCP port that is free on this machine (for MASTER_PORT)."
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 # %% ../nbs/07_train.ipynb #1bff95af
 def tune_malloc() -> bool:

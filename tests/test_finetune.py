@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from llm_scratch.train import free_port, read_metrics
+from llm_scratch.metrics import read_metrics
+from llm_scratch.distributed import free_port
 
 BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress"]
 

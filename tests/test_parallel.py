@@ -14,7 +14,10 @@ import torch
 from llm_scratch.model import GPTConfig, GPTModel
 from llm_scratch.parallel import (bubble_fraction, gpipe_timeline, launch, tp_sharded_params, zero_memory,
                                   zero_parts)
-from llm_scratch.train import bytes_per_rank, count_params, free_port, load_trained, read_metrics
+from llm_scratch.model import count_params
+from llm_scratch.metrics import read_metrics
+from llm_scratch.distributed import bytes_per_rank, free_port
+from llm_scratch.checkpoint import load_trained
 from llm_scratch.weights import load_gpt2
 
 

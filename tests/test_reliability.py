@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm_scratch.train as train_mod
+import llm_scratch.checkpoint as checkpoint_mod
+import llm_scratch.metrics as metrics_mod
 from llm_scratch.data import fetch
-from llm_scratch.train import (CheckpointDamaged, Diverged, RunError, TrainConfig, check_checkpoint, checkpoints,
-                               load_trained, main, prune_checkpoints, read_metrics, train, usable_checkpoint)
+from llm_scratch.metrics import read_metrics
+from llm_scratch.checkpoint import (CheckpointDamaged, check_checkpoint, checkpoints, load_trained, prune_checkpoints,
+                                    usable_checkpoint)
+from llm_scratch.train import Diverged, RunError, TrainConfig, main, train
 from llm_scratch.weights import CheckpointError, load_gpt2, save_gpt2
 
 
@@ -180,7 +183,7 @@ def test_a_crafted_checkpoint_cannot_run_code(finished, tmp_path):
     for name in (".metadata", "__0_0.distcp", "rng-rank0.pt", "rng/rank0.pt"): (ck / name).write_bytes(evil)
     torch.save({"x": Payload()}, ck / "evil.pt")
     meta = json.loads((ck / "meta.json").read_text())  # an attacker can list them with the right hashes
-    meta["files"] = {k: v for k, v in train_mod._manifest(ck).items() if k != "meta.json"}
+    meta["files"] = {k: v for k, v in checkpoint_mod._manifest(ck).items() if k != "meta.json"}
     (ck / "meta.json").write_text(json.dumps(meta))
     check_checkpoint(ck)
     model = load_trained(out)
@@ -247,7 +250,7 @@ def test_a_diverging_run_stops_at_the_first_bad_loss_and_keeps_the_last_good_che
 
 
 def test_metrics_lines_are_strict_json():
-    line = train_mod.json_line({"step": 1, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3})
+    line = metrics_mod.json_line({"step": 1, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3})
     assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {"step": 1, "loss": None, "grad_norm": None,
                                                                           "lr": 1e-3}
 
@@ -353,20 +356,20 @@ def test_cache_and_mirror_problems_get_clear_errors(tmp_path):
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real, calls = train_mod.save_file, []
+    real, calls = checkpoint_mod.save_file, []
 
     def full_disk(*a, **kw):  # the second checkpoint's RNG file hits a full disk
         calls.append(1)
         if len(calls) == 2: raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **kw)
-    monkeypatch.setattr(train_mod, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint_mod, "save_file", full_disk)
     with pytest.raises(RunError, match=rf"could not write the checkpoint step_000004 in {out / 'checkpoints'} "
                                        r"\(\[Errno 28\] No space left on device\)"):
         train(cfg(out, max_steps=6, save_every=2))
     assert (out / "checkpoints" / "latest").read_text() == "step_000002"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["latest", "step_000002"]  # no temporary folder left
     check_checkpoint(out / "checkpoints" / "step_000002")
-    monkeypatch.setattr(train_mod, "save_file", real)
+    monkeypatch.setattr(checkpoint_mod, "save_file", real)
     train(cfg(out, max_steps=6, save_every=2, resume=True))  # once there is space again
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 7))
 

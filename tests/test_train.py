@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_scratch.train import free_port, load_trained, read_metrics
+from llm_scratch.metrics import read_metrics
+from llm_scratch.distributed import free_port
+from llm_scratch.checkpoint import load_trained
 from llm_scratch.weights import load_gpt2
 
 # the tiny preset with a short context: about 0.1-0.3 s a step on two shared cores
