@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -132,12 +133,12 @@ def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
     return model
 
 # %% ../nbs/06c_distributed.ipynb #c60427a9
-def full_model(model: torch.nn.Module, cfg: GPTConfig, accelerator=None) -> GPTModel | None:
-    "The whole trained model, gathered from all processes, on the CPU of process 0 (None elsewhere)."
+def full_model(model: torch.nn.Module, build: GPTConfig | Callable[[], nn.Module], accelerator=None) -> nn.Module | None:
+    "The whole trained model, gathered from all processes, on the CPU of process 0 (None elsewhere), in eval mode."
     if accelerator is None or accelerator.num_processes == 1: sd = core_model(model).state_dict()
     else: sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if accelerator is not None and not accelerator.is_main_process: return None
-    out = GPTModel(cfg)
+    out = GPTModel(build) if isinstance(build, GPTConfig) else build()  # a config, or a maker of the architecture
     out.load_state_dict({k: v.detach().cpu() for k, v in sd.items()})
     return out.eval()
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +27,17 @@ from .instruct import (collate_instructions, evaluate_responses, generate_respon
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
-from .metrics import append_metrics, plot_metrics, read_metrics
-from .distributed import core_model, make_accelerator, reset_accelerate, wrap_model
-from .train import (MALLOC_TIP, Diverged, RunError, tune_malloc, autocast, check_out_folder, start_folder, make_optimizer)
+from .metrics import plot_metrics, read_metrics
+from .distributed import core_model, full_model, make_accelerator, reset_accelerate
+from .train import (MALLOC_TIP, LoopConfig, RunError, Task, _opt, add_options, autocast, check_out, config_from, fit,
+                               launch_run, tune_malloc)
 from .weights import load_gpt2
 
 # %% auto #0
-__all__ = ['TRAIN_CHOICES', 'initial_model', 'shard', 'global_count', 'shared_loss', 'select_trainable', 'without_lora', 'step',
-           'spam_splits', 'classify_loss', 'accuracy', 'fit', 'finetune_classifier', 'save_classifier',
-           'load_classifier', 'instruct_loss', 'instruct_val_loss', 'finetune_instructions', 'build_parser',
-           'parse_args', 'run', 'main']
+__all__ = ['TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora', 'FinetuneConfig',
+           'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy', 'Classification',
+           'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss', 'instruct_val_loss',
+           'InstructionTuning', 'finetune_instructions', 'build_parser', 'parse_args', 'run', 'main']
 
 # %% ../nbs/12_finetune.ipynb #bb306056
 def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
@@ -55,25 +56,34 @@ def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
     return set_dropout(model, dropout)
 
 # %% ../nbs/12_finetune.ipynb #75a08a14
-def shard(n_items: int, batch_size: int, world: int = 1, rank: int = 0, epoch: int = 0, seed: int = 123,
-          shuffle: bool = True) -> list[list[int]]:
-    "This process's example indices for each global batch of `epoch` (the last, incomplete batch is dropped)."
-    order = (torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle
-             else torch.arange(n_items)).tolist()
-    g = batch_size * world
-    if n_items < g: raise RunError(f"{n_items} examples cannot fill one global batch of {g} "
-                                   f"({world} process(es) x batch size {batch_size}); lower --batch-size")
-    return [order[b * g:(b + 1) * g][rank::world] for b in range(n_items // g)]
+class ExampleTask(Task):
+    "Fine-tuning on `n` examples: each epoch a new order, cut into global batches (the last, incomplete one dropped)."
+    unit = "examples"
 
-# %% ../nbs/12_finetune.ipynb #d8bdafda
-def global_count(n: int | torch.Tensor, acc=None) -> torch.Tensor:
-    "The number of examples (or tokens) `n` summed over all processes."
-    n = torch.as_tensor(n, dtype=torch.float32, device=acc.device if acc is not None else None)
-    return acc.reduce(n, "sum") if acc is not None and acc.num_processes > 1 else n
+    def __init__(self, n: int, cfg: LoopConfig, acc=None):
+        world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+        self.n, self.batch_size, self.grad_accum, self.world, self.rank, self.seed = (
+            n, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed)
+        self.acc, self.device, self.precision = acc, acc.device if acc is not None else torch.device("cpu"), cfg.precision
+        self.global_batch = self.per_step = cfg.batch_size * cfg.grad_accum * world
+        self.steps_per_epoch = n // self.global_batch
+        if not self.steps_per_epoch:
+            raise RunError(f"{n} examples cannot fill one global batch of {self.global_batch} ({world} process(es) x "
+                           f"batch size {cfg.batch_size} x {cfg.grad_accum} micro-steps); lower --batch-size")
 
-def shared_loss(loss_sum: torch.Tensor, total: torch.Tensor, world: int = 1) -> torch.Tensor:
-    "This process's part of the global mean loss: its sum over `total / world` (DDP then averages)."
-    return loss_sum / (total.clamp(min=1) / world)  # no targets anywhere: a zero loss, not 0 / 0 = NaN
+    def indices(self, step: int, micro: int = 0) -> list[int]:
+        "This process's examples for micro-batch `micro` of `step`: the same global batch in any process layout."
+        epoch, b = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        part = self.batch_size * self.world  # one micro-batch of all processes
+        start = b * self.global_batch + micro * part
+        return order[start:start + part][self.rank::self.world].tolist()
+
+    def batch(self, step: int, micro: int): return self.indices(step, micro)
+    def count(self, batch) -> int: return len(batch)
+    def position(self, step: int) -> dict:
+        return {"epoch": (step - 1) // self.steps_per_epoch + 1 if step else 0, "examples": step * self.global_batch}
+    def epoch_end(self, step: int) -> bool: return step % self.steps_per_epoch == 0
 
 # %% ../nbs/12_finetune.ipynb #452618e3
 TRAIN_CHOICES = ("head", "last-block", "all", "lora")
@@ -98,21 +108,55 @@ def without_lora(model: GPTModel) -> GPTModel:
     return model
 
 # %% ../nbs/12_finetune.ipynb #9b594f2c
-def step(model, optimizer, loss_fn, batch, acc=None, precision: str = "fp32", grad_clip: float = 0.0) -> float:
-    "One optimiser step on this process's `batch`; returns the global mean loss of the step."
-    device = acc.device if acc is not None else torch.device("cpu")
-    world = acc.num_processes if acc is not None else 1
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, precision): loss_sum, n = loss_fn(model, batch)
-    total = global_count(n, acc)
-    shared_loss(loss_sum, total, world).backward()
-    if total == 0: return float("nan")  # every target masked on every process: nothing to learn, no step
-    loss = (global_count(loss_sum.detach(), acc) / total).item()
-    if not math.isfinite(loss):  # the same value in every process: all stop together, before the weights change
-        raise Diverged(f"the loss is {loss}: training diverged; nothing was saved. Lower --lr and start again.")
-    if grad_clip > 0: torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    return loss
+@dataclass
+class FinetuneConfig(LoopConfig):
+    "The settings of a fine-tuning run: the loop's (with fine-tuning's defaults), the model to start from, and what learns."
+    lr: float = _opt(5e-5, "peak learning rate")
+    min_lr: float | None = _opt(None, "final learning rate of the cosine decay (default: lr, a constant rate)", type=float)
+    warmup: int = _opt(0, "linear warmup steps")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this (0: no clipping)")
+    max_steps: int | None = _opt(None, "optimiser steps of the whole run (default: --epochs passes over the data)",
+                                 type=int)
+    log_every: int = _opt(1, "write a metrics line every this many steps")
+    strategy: str = _opt("ddp", "ddp (a full copy per process) or fsdp (each process holds 1/N)", choices=["ddp", "fsdp"])
+    seed: int = _opt(123, "seeds the split, the data order and dropout")
+    init: str = _opt("gpt2-small", "a GPT-2 checkpoint name, a model folder, or scratch:<preset> for random weights")
+    train: str = _opt("all", "which parameters learn", choices=list(TRAIN_CHOICES))
+    lora_rank: int = _opt(16, "rank of the LoRA adapters", min=1)
+    lora_alpha: float = _opt(16.0, "LoRA scale alpha")
+    epochs: int = _opt(1, "passes over the training set", min=1)
+    dropout: float = _opt(0.0, "dropout rate while fine-tuning")
+    max_length: int | None = _opt(None, "tokens per example (default: the model's context)", type=int, min=1)
+    limit: int | None = _opt(None, "use only the first N examples of each split (quick runs)", type=int, min=1)
+
+    MIN_LR_FRACTION: ClassVar[float] = 1.0  # a constant learning rate unless --min-lr asks for a decay
+    RESUME_KEYS: ClassVar[tuple] = LoopConfig.RESUME_KEYS + ("init", "train", "lora_rank", "lora_alpha", "dropout",
+                                                             "max_length", "limit")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lora_alpha > 0: raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    "A spam classifier on the SMS Spam Collection; `llm_scratch_finetune classify --help` lists the same."
+    train: str = _opt("last-block", "which parameters learn", choices=list(TRAIN_CHOICES))
+    epochs: int = _opt(5, "passes over the training set", min=1)
+    out: str = _opt("runs/classify", "output folder: metrics.jsonl, loss.png, checkpoints/, final/, results.json")
+    COMMAND: ClassVar[str] = "llm_scratch_finetune classify"
+
+@dataclass
+class InstructConfig(FinetuneConfig):
+    "Instruction tuning on the Alpaca-format records; `llm_scratch_finetune instruct --help` lists the same."
+    train: str = _opt("all", "which parameters learn", choices=["all", "lora"])
+    epochs: int = _opt(2, "passes over the training set", min=1)
+    out: str = _opt("runs/instruct", "output folder: metrics.jsonl, loss.png, checkpoints/, final/, results.json")
+    mask_prompt: bool = _opt(False, "leave the prompt's tokens out of the loss")
+    max_new_tokens: int = _opt(256, "answer length limit", min=1)
+    generate: int | None = _opt(None, "answer only the first N test records", type=int, min=0)
+    COMMAND: ClassVar[str] = "llm_scratch_finetune instruct"
+    RESUME_KEYS: ClassVar[tuple] = FinetuneConfig.RESUME_KEYS + ("mask_prompt",)
 
 # %% ../nbs/12_finetune.ipynb #79df5888
 def spam_splits(max_length: int | None, context_length: int, limit: int | None = None, seed: int = 123):
@@ -130,6 +174,11 @@ def classify_loss(model, idx: Sequence[int], ds: SpamDataset, device=None):
     ids, lengths, targets = (t[idx].to(device) for t in (ds.ids, ds.lengths, ds.targets))
     return F.cross_entropy(classification_logits(model, ids, lengths).float(), targets, reduction="sum"), len(idx)
 
+def _total(x, acc=None) -> torch.Tensor:
+    "`x` summed over all processes."
+    x = torch.as_tensor(x, dtype=torch.float32, device=acc.device if acc is not None else None)
+    return acc.reduce(x, "sum") if acc is not None and acc.num_processes > 1 else x
+
 @torch.no_grad()
 def accuracy(model, ds: SpamDataset, acc=None, batch_size: int = 32, precision: str = "fp32") -> tuple[float, float]:
     "Accuracy and mean loss of `model` on all of `ds`, each process counting its share."
@@ -145,81 +194,56 @@ def accuracy(model, ds: SpamDataset, acc=None, batch_size: int = 32, precision: 
         right = right + (logits.argmax(-1) == targets).sum()
         loss = loss + F.cross_entropy(logits, targets, reduction="sum")
     model.train()
-    n = global_count(len(ds), None)
-    return (global_count(right, acc) / n).item(), (global_count(loss, acc) / n).item()
+    return (_total(right, acc) / len(ds)).item(), (_total(loss, acc) / len(ds)).item()
+
+class Classification(ExampleTask):
+    "Spam or ham: a batch is a list of message indices, its loss the summed cross-entropy of their class scores."
+    def __init__(self, train_ds: SpamDataset, val_ds: SpamDataset, cfg: LoopConfig, acc=None):
+        super().__init__(len(train_ds), cfg, acc)
+        self.train_ds, self.val_ds = train_ds, val_ds
+
+    def loss(self, model, batch) -> torch.Tensor: return classify_loss(model, batch, self.train_ds, self.device)[0]
+    def evaluate(self, model, forward=None) -> dict:
+        return dict(zip(("val_accuracy", "val_loss"), accuracy(model, self.val_ds, self.acc, precision=self.precision)))
 
 # %% ../nbs/12_finetune.ipynb #5e005673
-def _rows_writer(out: Path, main: bool):
-    "A function that appends a metrics row, in process 0 only."
-    return lambda row: append_metrics(out, row) if main else None
+def _start(cfg: FinetuneConfig, acc):
+    "The checkpoint to resume from (None: start afresh), once every process has checked the output folder."
+    ckpt, skipped = check_out(Path(cfg.out), cfg, cfg.batch_size * cfg.grad_accum * acc.num_processes)
+    if acc.is_main_process:
+        for why in skipped: print(f"skipping a damaged checkpoint: {why}", file=sys.stderr)
+    acc.wait_for_everyone()  # every process has looked at the folder before process 0 changes it
+    return ckpt
 
-def _command(args) -> str: return f"llm_scratch_finetune {args.task}"
+def _finish(run, results: dict, title: str):
+    "Write the loss plot and results.json of a fine-tuning run (process 0)."
+    plot_metrics(read_metrics(run.out), run.out / "loss.png", title)
+    write_atomic(run.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 
-def _check_out(args) -> Path:
-    "The output folder, refused if it already holds a run, or files of anything else."
-    out = Path(args.out)
-    check_out_folder(out, _command(args))
-    if (out / "metrics.jsonl").exists():
-        raise RunError(f"{out} already holds a run; choose another --out (or delete it)")
-    return out
-
-def _start(args, acc) -> Path:
-    "The output folder, made once the run is known to be able to start, with the options saved in it."
-    out = _check_out(args)
-    acc.wait_for_everyone()  # every process has looked at the folder before process 0 writes in it
-    start_folder(out, {"command": _command(args), **{k: v for k, v in vars(args).items() if k != "func"}}, acc)
-    return out
-
-def _bar(total: int, main: bool, progress: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, disable=not (main and progress), unit="step")
-
-def fit(model, optimizer, loss_fn, n_items: int, args, acc, write, validate, examples: bool = False) -> int:
-    "The epochs of a run: a step per global batch, a metrics row each, `validate()`'s metrics every `eval_every` steps and per epoch."
-    world, rank, n_step = acc.num_processes, acc.process_index, 0
-    steps_per_epoch = len(shard(n_items, args.batch_size, world, rank, 0, args.seed))
-    bar = _bar(steps_per_epoch * args.epochs, acc.is_main_process, args.progress)
-    for epoch in range(args.epochs):
-        for idx in shard(n_items, args.batch_size, world, rank, epoch, args.seed):
-            loss = step(model, optimizer, loss_fn, idx, acc, args.precision, args.grad_clip)
-            n_step += 1; bar.update(1)
-            row = {"step": n_step, "epoch": epoch + 1, "loss": loss}
-            if examples: row["examples"] = n_step * args.batch_size * world
-            if n_step % steps_per_epoch == 0 or (args.eval_every and n_step % args.eval_every == 0):
-                row.update(validate())
-                bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in row.items() if k.startswith("val")}},
-                                refresh=False)
-            write(row)
-    bar.close()
-    return n_step
-
-def finetune_classifier(args, acc) -> dict | None:
-    "Fine-tune a spam classifier as `args` says, in this process; returns the results on process 0."
-    _check_out(args)
-    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
-    model = make_classifier(initial_model(args.init, args.dropout), len(LABELS))
-    train_ds, val_ds, test_ds = spam_splits(args.max_length, model.cfg.context_length, args.limit, args.seed)
-    shard(len(train_ds), args.batch_size, world, rank, 0, args.seed)  # fails if too few examples
-    out = _start(args, acc)  # nothing is written before the run is known to be able to start
-    model = select_trainable(model, args.train, args.lora_rank, args.lora_alpha)
+def finetune_classifier(cfg: ClassifyConfig, acc) -> dict | None:
+    "Fine-tune (or resume fine-tuning) a spam classifier as `cfg` says, in this process; returns the results on process 0."
+    ckpt = _start(cfg, acc)
+    model = initial_model(cfg.init, cfg.dropout)
+    train_ds, val_ds, test_ds = spam_splits(cfg.max_length, model.cfg.context_length, cfg.limit, cfg.seed)
+    task = Classification(train_ds, val_ds, cfg, acc)  # refuses too few examples, before anything is written
+    torch.manual_seed(cfg.seed)  # the new weights (head, adapters): the same in every process, in any layout
+    model = select_trainable(make_classifier(model, len(LABELS)), cfg.train, cfg.lora_rank, cfg.lora_alpha)
     n_train, n_total = trainable_params(model), num_params(model)
-    model = wrap_model(model, "ddp", acc)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    write, t0 = _rows_writer(out, main), time.perf_counter()
-    loss_fn = lambda m, idx: classify_loss(m, idx, train_ds, acc.device)
-    n_step = fit(model, optimizer, loss_fn, len(train_ds), args, acc, write,
-                 lambda: dict(zip(("val_accuracy", "val_loss"), accuracy(model, val_ds, acc, precision=args.precision))),
-                 examples=True)
-    results = {"trainable_parameters": n_train, "parameters": n_total, "world_size": world, "steps": n_step,
-               "seconds": time.perf_counter() - t0, "examples": [len(train_ds), len(val_ds), len(test_ds)],
-               "max_length": train_ds.max_length}
+    record = {"examples": [len(train_ds), len(val_ds), len(test_ds)], "max_length": train_ds.max_length}
+    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps or cfg.epochs * task.steps_per_epoch, task.rank)
+    t0 = time.perf_counter()
+    fit(run)
+    results = {"trainable_parameters": n_train, "parameters": n_total, "world_size": acc.num_processes,
+               "steps": run.step, "seconds": time.perf_counter() - t0, **record}
     for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
-        results[f"{name}_accuracy"], results[f"{name}_loss"] = accuracy(model, ds, acc, precision=args.precision)
-    if not main: return None
-    final = without_lora(core_model(model))
-    save_classifier(final, out / "final", train_ds.max_length)
-    plot_metrics(read_metrics(out), out / "loss.png", f"classify: {args.init}, --train {args.train}")
-    write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        results[f"{name}_accuracy"], results[f"{name}_loss"] = accuracy(run.model, ds, acc, precision=cfg.precision)
+    mcfg = core_model(run.model).cfg
+    final = full_model(run.model, lambda: select_trainable(make_classifier(GPTModel(mcfg), len(LABELS)), cfg.train,
+                                                             cfg.lora_rank, cfg.lora_alpha), acc)  # all take part
+    if not acc.is_main_process: return None
+    final = without_lora(final)
+    save_classifier(final, run.out / "final", train_ds.max_length)
+    _finish(run, results, f"classify: {cfg.init}, --train {cfg.train}")
     return results
 
 # %% ../nbs/12_finetune.ipynb #d17fc411
@@ -248,121 +272,104 @@ def instruct_loss(model, idx: Sequence[int], ds: InstructionDataset, context_len
     "Summed next-token cross-entropy over the counted targets of records `idx` of `ds`, and their number."
     x, y = collate_instructions([ds[i] for i in idx], allowed_max_length=context_length, mask_prompt=mask_prompt,
                                 device=device)
-    logits = model(x).float()
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100), (y != -100).sum()
+    return _summed_next_token_loss(model, x, y), (y != -100).sum()
+
+def _summed_next_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100)
 
 @torch.no_grad()
-def instruct_val_loss(model, ds: InstructionDataset, context_length: int, args, acc) -> float:
+def instruct_val_loss(model, ds: InstructionDataset, context_length: int, cfg: InstructConfig, acc) -> float:
     "Mean loss per counted target over all of `ds`, each process taking its share."
     world, rank = acc.num_processes, acc.process_index
     model.eval()
     mine = list(range(len(ds)))[rank::world]
     total, n = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
-    for s in range(0, len(mine), args.batch_size):
-        with autocast(acc.device, args.precision):
-            ls, c = instruct_loss(model, mine[s:s + args.batch_size], ds, context_length, args.mask_prompt, acc.device)
+    for s in range(0, len(mine), cfg.batch_size):
+        with autocast(acc.device, cfg.precision):
+            ls, c = instruct_loss(model, mine[s:s + cfg.batch_size], ds, context_length, cfg.mask_prompt, acc.device)
         total, n = total + ls, n + c
     model.train()
-    return (global_count(total, acc) / global_count(n, acc)).item()
+    return (_total(total, acc) / _total(n, acc)).item()
 
-def finetune_instructions(args, acc) -> dict | None:
-    "Instruction-tune a model as `args` says, in this process; returns the results on process 0."
-    _check_out(args)
-    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
-    model = initial_model(args.init, args.dropout)
-    ctx = min(args.max_length or model.cfg.context_length, model.cfg.context_length)
+class InstructionTuning(ExampleTask):
+    "Follow instructions: a batch is a padded (inputs, targets) pair of records, its loss summed over the counted targets."
+    counts_vary = True  # prompts and answers differ in length (and prompts may be masked)
+
+    def __init__(self, train_ds: InstructionDataset, val_ds: InstructionDataset, context_length: int,
+                 cfg: InstructConfig, acc):
+        super().__init__(len(train_ds), cfg, acc)
+        self.train_ds, self.val_ds, self.context_length, self.cfg = train_ds, val_ds, context_length, cfg
+
+    def batch(self, step: int, micro: int):
+        x, y = collate_instructions([self.train_ds[i] for i in self.indices(step, micro)],
+                                    allowed_max_length=self.context_length, mask_prompt=self.cfg.mask_prompt)
+        return x.to(self.device), y.to(self.device)
+
+    def count(self, batch) -> int: return int((batch[1] != -100).sum())
+    def loss(self, model, batch) -> torch.Tensor: return _summed_next_token_loss(model, *batch)
+    def evaluate(self, model, forward=None) -> dict:
+        return {"val_loss": instruct_val_loss(model, self.val_ds, self.context_length, self.cfg, self.acc)}
+
+def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
+    "Instruction-tune (or resume tuning) a model as `cfg` says, in this process; returns the results on process 0."
+    ckpt = _start(cfg, acc)
+    model = initial_model(cfg.init, cfg.dropout)
+    ctx = min(cfg.max_length or model.cfg.context_length, model.cfg.context_length)
     parts = split_records(load_instructions())
-    train, val, test = (p[:args.limit] if args.limit else p for p in parts)
+    train, val, test = (p[:cfg.limit] if cfg.limit else p for p in parts)
     tok = gpt2_tokenizer()
-    train_ds, val_ds = InstructionDataset(train, tok), InstructionDataset(val, tok)
-    shard(len(train_ds), args.batch_size, world, rank, 0, args.seed)  # fails if too few examples
-    out = _start(args, acc)
-    model = select_trainable(model, args.train, args.lora_rank, args.lora_alpha, new_head=False)
+    task = InstructionTuning(InstructionDataset(train, tok), InstructionDataset(val, tok), ctx, cfg, acc)
+    torch.manual_seed(cfg.seed)  # any adapters: the same in every process, in any layout
+    model = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, new_head=False)
     n_train, n_total = trainable_params(model), num_params(model)
-    model = wrap_model(model, "ddp", acc)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    write, t0 = _rows_writer(out, main), time.perf_counter()
-    loss_fn = lambda m, idx: instruct_loss(m, idx, train_ds, ctx, args.mask_prompt, acc.device)
-    n_step = fit(model, optimizer, loss_fn, len(train_ds), args, acc, write,
-                 lambda: {"val_loss": instruct_val_loss(model, val_ds, ctx, args, acc)})
-    results = {"trainable_parameters": n_train, "parameters": n_total, "world_size": world, "steps": n_step,
-               "seconds": time.perf_counter() - t0, "records": [len(train), len(val), len(test)],
-               "val_loss": instruct_val_loss(model, val_ds, ctx, args, acc)}
-    acc.wait_for_everyone()
-    if not main: return None
-    final = without_lora(core_model(model)).eval()
+    record = {"records": [len(train), len(val), len(test)]}
+    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps or cfg.epochs * task.steps_per_epoch, task.rank)
+    t0 = time.perf_counter()
+    fit(run)
+    results = {"trainable_parameters": n_train, "parameters": n_total, "world_size": acc.num_processes,
+               "steps": run.step, "seconds": time.perf_counter() - t0, **record,
+               "val_loss": task.evaluate(run.model)["val_loss"]}
+    mcfg = core_model(run.model).cfg
+    final = full_model(run.model, lambda: select_trainable(GPTModel(mcfg), cfg.train, cfg.lora_rank, cfg.lora_alpha,
+                                                             new_head=False), acc)  # every process takes part
+    if not acc.is_main_process: return None
+    final = without_lora(final).eval()
     from llm_scratch.weights import save_gpt2
-    save_gpt2(final, out / "final")
-    answered = generate_responses(final, test[:args.generate] if args.generate is not None else test, tok,
-                                  max_new_tokens=args.max_new_tokens)
-    save_responses(out / "test_responses.json", answered)
+    save_gpt2(final, run.out / "final")
+    answered = generate_responses(final, test[:cfg.generate] if cfg.generate is not None else test, tok,
+                                  max_new_tokens=cfg.max_new_tokens)
+    save_responses(run.out / "test_responses.json", answered)
     results["scores"] = evaluate_responses(answered) if answered else None
-    plot_metrics(read_metrics(out), out / "loss.png", f"instruct: {args.init}, --train {args.train}")
-    write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    _finish(run, results, f"instruct: {cfg.init}, --train {cfg.train}")
     return results
 
 # %% ../nbs/12_finetune.ipynb #4e2a10b9
-def build_parser() -> argparse.ArgumentParser:
-    "The parser of `llm_scratch_finetune`, with the `classify` and `instruct` subcommands."
+COMMANDS = {"classify": (ClassifyConfig, "spam or ham, on the SMS Spam Collection"),
+            "instruct": (InstructConfig, "follow instructions, on the 1,100 Alpaca records")}
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    "The parser of `llm_scratch_finetune`, and its subcommands' parsers, each built from its config class."
     p = argparse.ArgumentParser(prog="llm_scratch_finetune", description="Fine-tune a GPT for spam "
         "classification or to follow instructions, on one process or many under accelerate launch / torchrun.",
         epilog="Example: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m "
         "llm_scratch.finetune classify --init scratch:tiny --epochs 1 --out runs/spam. " + MALLOC_TIP)
     sub = p.add_subparsers(dest="task", required=True, metavar="{classify,instruct}")
-    for task, train, epochs, helptext in (("classify", "last-block", 5, "spam or ham, on the SMS Spam Collection"),
-                                          ("instruct", "all", 2, "follow instructions, on the 1,100 Alpaca records")):
-        s = sub.add_parser(task, help=helptext, description=f"Fine-tune a GPT to {helptext}.")
-        s.add_argument("--init", default="gpt2-small", help="a GPT-2 checkpoint name, a model folder, or "
-                       "scratch:<preset> for random weights (default: gpt2-small)")
-        s.add_argument("--train", default=train, choices=TRAIN_CHOICES if task == "classify" else ("all", "lora"),
-                       help=f"which parameters learn (default: {train})")
-        s.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA adapters (default: 16)")
-        s.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (default: 16)")
-        s.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training set (default: {epochs})")
-        s.add_argument("--batch-size", type=int, default=8, help="examples per process and step (default: 8)")
-        s.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default: 5e-5)")
-        s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-        s.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (default: 0, off)")
-        s.add_argument("--dropout", type=float, default=0.0, help="dropout rate while fine-tuning (default: 0)")
-        s.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the model's context)")
-        s.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (quick runs)")
-        s.add_argument("--eval-every", type=int, default=50, help="validate every N steps, and after each epoch (default: 50)")
-        s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast")
-        s.add_argument("--seed", type=int, default=123, help="seeds the split and the data order (default: 123)")
-        s.add_argument("--out", default=f"runs/{task}", help=f"output folder (default: runs/{task})")
-        s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-        if task == "instruct":
-            s.add_argument("--mask-prompt", action="store_true", help="leave the prompt's tokens out of the loss")
-            s.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default: 256)")
-            s.add_argument("--generate", type=int, default=None, help="answer only the first N test records")
-        s.set_defaults(func=finetune_classifier if task == "classify" else finetune_instructions)
-    return p
+    subs = {task: add_options(sub.add_parser(task, help=helptext, description=f"Fine-tune a GPT to {helptext}.",
+                                             argument_default=argparse.SUPPRESS), cls)
+            for task, (cls, helptext) in COMMANDS.items()}
+    return p, subs
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    "The options of `llm_scratch_finetune`; exits with a message on a bad value."
-    p = build_parser()
-    a = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "lora_rank"):
-        if getattr(a, name) < 1: p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if not 0 < a.lr < math.inf: p.error(f"--lr must be a positive number, got {a.lr}")
-    if not 0 <= a.dropout < 1: p.error(f"--dropout must be in [0, 1), got {a.dropout}")
-    if not 0 < a.lora_alpha < math.inf: p.error(f"--lora-alpha must be a positive number, got {a.lora_alpha}")
-    for name in ("weight_decay", "grad_clip"):
-        if not 0 <= getattr(a, name) < math.inf:
-            p.error(f"--{name.replace('_', '-')} must be a number of 0 or more, got {getattr(a, name)}")
-    for name in ("eval_every", "seed", "generate"):
-        if getattr(a, name, None) is not None and getattr(a, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(a, name)}")
-    if not str(a.out).strip(): p.error("--out must name a folder")
-    for name in ("max_length", "limit", "max_new_tokens"):
-        if getattr(a, name, None) is not None and getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    return a
+def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
+    "The config of `llm_scratch_finetune` (and the `--config` file it names); exits with a message on a bad value."
+    p, subs = build_parser()
+    given = vars(p.parse_args(argv))
+    task = given.pop("task")
+    return config_from(subs[task], COMMANDS[task][0], given)
 
-def run(args: argparse.Namespace) -> dict | None:
-    "Run the fine-tuning `args` describes in this process (launch N copies for N processes)."
+def run(cfg: FinetuneConfig) -> dict | None:
+    "Run the fine-tuning `cfg` describes in this process (launch N copies for N processes)."
     acc = make_accelerator()
-    try: return args.func(args, acc)
+    try: return (finetune_classifier if isinstance(cfg, ClassifyConfig) else finetune_instructions)(cfg, acc)
     finally:
         import torch.distributed as dist
         if dist.is_initialized(): dist.destroy_process_group()
@@ -370,9 +377,9 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "The `llm_scratch_finetune` command: parse the options, fine-tune, return the exit status."
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     if "MALLOC_MMAP_MAX_" not in os.environ: tune_malloc()  # a setting in the environment wins
-    try: results = run(args)
+    try: results = run(cfg)
     except (RunError, FetchError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0: print(f"llm_scratch_finetune: error: {e}", file=sys.stderr)
         return 2

@@ -68,12 +68,13 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     "The `LoRALinear` modules of `model`, by name."
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
-def _matching(names, patterns: Sequence[str], what: str, known: Sequence[str]) -> set[str]:
+def _matching(names, patterns: Sequence[str], what: str, known: Sequence[str]) -> list[str]:
     missing = [p for p in patterns if not any(matches(n, p) for n in names)]
     if missing:
         raise ValueError(f"{what} {missing} match no module; names are matched by whole dotted parts, e.g. 'qkv', "
                          f"'ff', 'att.proj', 'blocks.0'. The model's linear layers: {', '.join(known[:6])}, ...")
-    return {n for n in names if any(matches(n, p) for p in patterns)}
+    return [n for n in names if any(matches(n, p) for p in patterns)]  # in the model's order: a set's order varies
+    # from run to run (string hashing), and with it the order in which the adapters draw their random weights
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
                targets: Sequence[str] = ("qkv", "proj", "ff"),  # linear layers to give a low-rank update

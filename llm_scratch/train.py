@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -34,26 +34,20 @@ from .distributed import (_local, any_failed, full_model, grad_sync, holdings, m
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'COMMAND', 'TrainConfig', 'build_parser', 'read_toml', 'parse_args', 'make_optimizer', 'autocast',
-           'clip_grad_norm', 'train_step', 'model_config', 'run_command', 'check_out_folder', 'check_out', 'validate',
-           'Run', 'start_folder', 'start_run', 'save_run', 'finish_run', 'Diverged', 'train', 'tune_malloc',
-           'malloc_tuned', 'main']
+__all__ = ['MALLOC_TIP', 'LoopConfig', 'TrainConfig', 'add_options', 'build_parser', 'read_toml', 'config_from', 'parse_args',
+           'make_optimizer', 'autocast', 'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step',
+           'model_config', 'run_command', 'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run',
+           'start_run', 'save_run', 'finish_run', 'Diverged', 'fit', 'train', 'tune_malloc', 'malloc_tuned', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
-    "A `TrainConfig` field with its help text (and argparse `type`/`choices`)."
+    "A config field with its help text (and argparse `type`/`choices`)."
     return field(default=default, metadata={"help": help, **kw})
 
 @dataclass
-class TrainConfig:
-    "Everything a training run needs to know; `python -m llm_scratch.train --help` lists the same."
-    model: str = _opt("tiny", "model preset", choices=list(PRESETS))
-    data: str = _opt("the-verdict", f"a dataset name ({', '.join(DATASETS)}) or a UTF-8 text file")
-    tokenizer: str = _opt("gpt2", "gpt2 (tiktoken's GPT-2 BPE) or char (one token per character)",
-                          choices=["gpt2", "char"])
-    context_length: int | None = _opt(None, "tokens per window (default: the preset's)", type=int)
-    dropout: float | None = _opt(None, "dropout rate (default: the preset's)", type=float)
-    batch_size: int = _opt(8, "windows per process and micro-step (under tp: per tensor-parallel group)")
+class LoopConfig:
+    "The settings of the training loop, the same for pretraining and fine-tuning; each command adds its own."
+    batch_size: int = _opt(8, "examples (windows) per process and micro-step (under tp: per tensor-parallel group)")
     grad_accum: int = _opt(1, "micro-steps per optimiser step, in each process")
     lr: float = _opt(6e-4, "peak learning rate")
     min_lr: float | None = _opt(None, "final learning rate of the cosine decay (default: lr / 10)", type=float)
@@ -62,23 +56,27 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     max_steps: int = _opt(100, "optimiser steps of the whole run (the schedule spans them)")
     eval_every: int = _opt(50, "validate every this many steps, and at the end (0: never)")
-    eval_batches: int = _opt(4, "validation batches per process")
-    val_fraction: float = _opt(0.1, "the last fraction of the tokens, held out for validation")
     save_every: int = _opt(50, "checkpoint every this many steps, and at the end (0: only at the end)")
     keep: int = _opt(2, "checkpoints to keep (the newest)")
     log_every: int = _opt(10, "write a metrics line every this many steps")
     out: str = _opt("runs/train", "output folder: metrics.jsonl, loss.png, checkpoints/, final/")
     resume: bool = _opt(False, "continue from the newest intact checkpoint in --out (start afresh if --out is empty)")
-    allow_data_change: bool = _opt(False, "resume even if the data file changed since the checkpoint")
     precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU)", choices=["fp32", "bf16"])
     strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N) or tp (tensor "
                          "parallel: all processes read the same batch, each holds 1/N of every block)",
                          choices=["ddp", "fsdp", "tp"])
-    seed: int = _opt(1337, "seeds the initial weights, the data windows and dropout")
+    seed: int = _opt(1337, "seeds the initial weights, the data order and dropout")
     compile: bool = _opt(False, "torch.compile the model")
     peak_tflops: float | None = _opt(None, "peak TFLOP/s of one device, for the MFU estimate (default: a guess)",
                                      type=float)
     progress: bool = _opt(True, "show a progress bar")
+
+    COMMAND: ClassVar[str] = "llm_scratch_train"  # recorded in config.json: the command that may write into the folder
+    RESUME_KEYS: ClassVar[tuple] = ("lr", "min_lr", "warmup", "weight_decay", "grad_clip", "precision", "seed")
+    MIN_LR_FRACTION: ClassVar[float] = 0.1  # the default min_lr, as a fraction of lr
+
+    @property
+    def final_lr(self) -> float: return self.lr * self.MIN_LR_FRACTION if self.min_lr is None else self.min_lr
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -89,7 +87,10 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be {kind.__name__}, got {v!r}")
             if "choices" in f.metadata and v not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {v!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "keep", "context_length"):
+            if isinstance(v, float) and not math.isfinite(v): raise ValueError(f"{f.name} must be a finite number, got {v}")
+            if f.metadata.get("min") is not None and v < f.metadata["min"]:
+                raise ValueError(f"{f.name} must be at least {f.metadata['min']}, got {v}")
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_every", "save_every", "grad_clip", "weight_decay"):
@@ -97,28 +98,39 @@ class TrainConfig:
         if not self.lr > 0: raise ValueError(f"lr must be positive, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be between 0 and lr={self.lr}, got {self.min_lr}")
+        if not 0 <= self.seed < 2**63: raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if not self.out.strip(): raise ValueError("out must name a folder, got an empty string")
+
+@dataclass
+class TrainConfig(LoopConfig):
+    "Everything a pretraining run needs to know; `python -m llm_scratch.train --help` lists the same."
+    model: str = _opt("tiny", "model preset", choices=list(PRESETS))
+    data: str = _opt("the-verdict", f"a dataset name ({', '.join(DATASETS)}) or a UTF-8 text file")
+    tokenizer: str = _opt("gpt2", "gpt2 (tiktoken's GPT-2 BPE) or char (one token per character)",
+                          choices=["gpt2", "char"])
+    context_length: int | None = _opt(None, "tokens per window (default: the preset's)", type=int, min=1)
+    dropout: float | None = _opt(None, "dropout rate (default: the preset's)", type=float)
+    eval_batches: int = _opt(4, "validation batches per process", min=1)
+    val_fraction: float = _opt(0.1, "the last fraction of the tokens, held out for validation")
+    allow_data_change: bool = _opt(False, "resume even if the data file changed since the checkpoint")
+
+    RESUME_KEYS: ClassVar[tuple] = LoopConfig.RESUME_KEYS + ("model", "data", "tokenizer", "context_length", "dropout",
+                                                             "val_fraction")
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.seed < 2**63: raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
-        if not self.out.strip(): raise ValueError("out must name a folder, got an empty string")
-        for name in ("lr", "min_lr", "grad_clip", "weight_decay", "peak_tflops"):
-            v = getattr(self, name)
-            if v is not None and not math.isfinite(v): raise ValueError(f"{name} must be a finite number, got {v}")
 
 # %% ../nbs/07_train.ipynb #064e2dfc
 MALLOC_TIP = ("On Linux, glibc's allocator can make CPU training 2-3x slower; the command keeps freed memory, as "
               "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 would, unless MALLOC_MMAP_MAX_ is set.")
 
-def build_parser() -> argparse.ArgumentParser:
-    "The command-line parser of `llm_scratch_train`, one option per `TrainConfig` field."
-    p = argparse.ArgumentParser(
-        prog="llm_scratch_train", description="Train a GPT on one process, or on many under accelerate launch / "
-        "torchrun (DDP or FSDP).", epilog="Example: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-        "--num_processes 2 -m llm_scratch.train --model tiny --data the-verdict --max-steps 30. " + MALLOC_TIP,
-        argument_default=argparse.SUPPRESS)
+def add_options(p: argparse.ArgumentParser, cls: type = None) -> argparse.ArgumentParser:
+    "Give parser `p` (made with `argument_default=SUPPRESS`) `--config` and one option per field of config class `cls`."
     p.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (the command line wins)")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls or TrainConfig):
         flag, kw = "--" + f.name.replace("_", "-"), {"help": f"{f.metadata['help']} (default: {f.default})"}
         if isinstance(f.default, bool): kw["action"] = argparse.BooleanOptionalAction
         else: kw["type"] = f.metadata.get("type", type(f.default))
@@ -126,27 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, **kw)
     return p
 
-def read_toml(path: str | os.PathLike) -> dict:
-    "The options in a TOML file, as `TrainConfig` field names (dashes or underscores both accepted)."
+def build_parser() -> argparse.ArgumentParser:
+    "The command-line parser of `llm_scratch_train`, one option per `TrainConfig` field."
+    return add_options(argparse.ArgumentParser(
+        prog="llm_scratch_train", description="Train a GPT on one process, or on many under accelerate launch / "
+        "torchrun (DDP or FSDP).", epilog="Example: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+        "--num_processes 2 -m llm_scratch.train --model tiny --data the-verdict --max-steps 30. " + MALLOC_TIP,
+        argument_default=argparse.SUPPRESS), TrainConfig)
+
+def read_toml(path: str | os.PathLike, cls: type = None) -> dict:
+    "The options in a TOML file, as field names of config class `cls` (dashes or underscores both accepted)."
     try: import tomllib
     except ImportError: import tomli as tomllib  # Python 3.10
     try:
         with open(path, "rb") as f: raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e: raise ValueError(f"{path} is not valid TOML: {e}") from None
     values = {k.replace("-", "_"): v for k, v in raw.items()}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(cls or TrainConfig)}
     if unknown := sorted(set(values) - known):
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return values
 
+def config_from(p: argparse.ArgumentParser, cls: type, given: dict):
+    "A `cls` from the options `given` on the command line and the `--config` file they name; `p` reports a bad value."
+    try:
+        values = read_toml(given.pop("config"), cls) if "config" in given else {}
+        return cls(**{**values, **given})
+    except (ValueError, OSError) as e: p.error(str(e))
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     "A `TrainConfig` from the command line (and the `--config` file it names); exits with a message on bad input."
     p = build_parser()
-    given = vars(p.parse_args(argv))
-    try:
-        values = read_toml(given.pop("config")) if "config" in given else {}
-        return TrainConfig(**{**values, **given})
-    except (ValueError, OSError) as e: p.error(str(e))
+    return config_from(p, TrainConfig, vars(p.parse_args(argv)))
 
 # %% ../nbs/07_train.ipynb #4d805422
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
@@ -159,11 +182,68 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and len({isinstance(p, DTensor) for p in params}) < 2
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
-# %% ../nbs/07_train.ipynb #56644996
+# %% ../nbs/07_train.ipynb #3843e3ed
 def autocast(device: torch.device, precision: str):
     "bf16 autocast on `device` for `precision='bf16'`, else a no-op."
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
+@torch.no_grad()
+def validate(model, sampler: WindowSampler, n_batches: int, device, precision: str = "fp32",
+             accelerator=None, forward=None) -> float:
+    "Mean loss over the first `n_batches` batches of `sampler`, averaged over all processes."
+    forward = model if forward is None else forward
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(n_batches):
+        with autocast(device, precision): total += calc_loss_batch(*sampler.batch(i), forward, device)
+    model.train()
+    total /= n_batches
+    return (accelerator.reduce(total, "mean") if accelerator is not None else total).item()
+
+# %% ../nbs/07_train.ipynb #64e835ca
+class Task:
+    "What a run learns: this process's micro-batches of a step, the summed loss of one, and an evaluation."
+    grad_accum: int = 1  # micro-batches per optimiser step, in each process
+    world: int = 1  # data-parallel processes: they split each global batch
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    acc = None  # the `Accelerator`, when there are several processes
+    unit: str = "tokens"  # what `per_step` counts, for the speed in the metrics
+    per_step: int = 0  # units per optimiser step, all processes together
+    flops_per_unit: float | None = None  # training FLOPs per unit, for the MFU (None: no MFU)
+    counts_vary: bool = False  # whether `count` can differ between processes (then the loop adds them up)
+
+    def batch(self, step: int, micro: int): raise NotImplementedError  # this process's micro-batch `micro` of `step`
+    def count(self, batch) -> int: raise NotImplementedError  # the number of targets `loss` sums over
+    def loss(self, model, batch) -> torch.Tensor: raise NotImplementedError  # the summed loss of `batch`
+    def evaluate(self, model, forward=None) -> dict: return {}  # validation metrics, the same in every process
+    def position(self, step: int) -> dict: return {self.unit: step * self.per_step}  # where the run stands
+    def epoch_end(self, step: int) -> bool: return False  # whether `step` ends a pass over the data (evaluate then)
+
+    def global_count(self, n: int) -> float:
+        "The targets of all data-parallel processes, from this process's `n`."
+        if not self.counts_vary: return n * self.world
+        return self.acc.reduce(torch.tensor(float(n), device=self.device), "sum").item() if self.world > 1 else n
+
+class Pretraining(Task):
+    "Next-token prediction on random windows of a token file; the validation loss on a fixed set of other windows."
+    def __init__(self, sampler: WindowSampler, val: WindowSampler | None = None, eval_batches: int = 4,
+                 device=torch.device("cpu"), precision: str = "fp32", acc=None, flops_per_token: float | None = None):
+        self.sampler, self.val, self.eval_batches, self.acc = sampler, val, eval_batches, acc
+        self.device, self.precision, self.flops_per_unit = torch.device(device), precision, flops_per_token
+        self.grad_accum, self.world = sampler.grad_accum, sampler.world_size
+        self.global_batch = sampler.global_batch
+        self.per_step = sampler.global_batch * sampler.context_length
+
+    def batch(self, step: int, micro: int): return self.sampler.batch(step, micro)
+    def count(self, batch) -> int: return 1  # a micro-batch counts once: all hold as many tokens, so a mean of means is the mean
+    def loss(self, model, batch) -> torch.Tensor: return calc_loss_batch(*batch, model, self.device)
+
+    def evaluate(self, model, forward=None) -> dict:
+        if self.val is None: return {}
+        return {"val_loss": validate(model, self.val, self.eval_batches, self.device, self.precision, self.acc, forward)}
+
+# %% ../nbs/07_train.ipynb #56644996
 def clip_grad_norm(parameters, max_norm: float) -> float:
     "Scale the gradients so that their total norm is at most `max_norm`; returns the norm before clipping."
     params = [p for p in parameters if p.grad is not None]
@@ -174,29 +254,28 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     for k in kinds: torch.nn.utils.clip_grads_with_norm_(k, max_norm, norm)
     return float(norm)
 
-def train_step(model, optimizer, sampler: WindowSampler, step: int, lr: float, device,
-               precision: str = "fp32", grad_clip: float = 0.0, forward=None) -> tuple[torch.Tensor, float | None]:
-    "One optimiser step at `step`; returns this process's mean micro-batch loss and the gradient norm."
+def train_step(model, optimizer, task: Task, step: int, lr: float, precision: str = "fp32", grad_clip: float = 0.0,
+               forward=None) -> tuple[torch.Tensor | None, float | None]:
+    "One optimiser step at `step`; returns this process's share of the step's mean loss (None: no targets) and the gradient norm."
     forward = model if forward is None else forward  # e.g. the torch.compile'd model
     for g in optimizer.param_groups: g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    for micro in range(sampler.grad_accum):
-        x, y = sampler.batch(step, micro)
-        with grad_sync(model, sync=micro == sampler.grad_accum - 1):
-            with autocast(device, precision): loss = calc_loss_batch(x, y, forward, device)
-            (loss / sampler.grad_accum).backward()
-        total += loss.detach()
+    batches = [task.batch(step, micro) for micro in range(task.grad_accum)]
+    total = task.global_count(sum(task.count(b) for b in batches))
+    if total == 0: return None, None  # every target of the step is masked, in every process: nothing to learn
+    share = total / task.world  # DDP averages the processes' gradients, so each divides by its share of the total
+    loss_sum = torch.zeros((), device=task.device)
+    for micro, b in enumerate(batches):
+        with grad_sync(model, sync=micro == len(batches) - 1):
+            with autocast(task.device, precision): loss = task.loss(forward, b)
+            (loss / share).backward()
+        loss_sum += loss.detach()
     norm = None
     if grad_clip > 0: norm = clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
-    return total / sampler.grad_accum, norm
+    return loss_sum / share, norm
 
 # %% ../nbs/07_train.ipynb #d59f8b04
-COMMAND = "llm_scratch_train"  # recorded in a run's config.json: the command that may write into the folder
-_RESUME_KEYS = ("model", "data", "tokenizer", "context_length", "dropout", "lr",
-                "min_lr", "warmup", "weight_decay", "grad_clip", "val_fraction", "precision", "seed")
-
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     "The `GPTConfig` of a run: the preset, with the tokenizer's vocabulary and any overrides."
     over = {"vocab_size": vocab_size}
@@ -219,9 +298,9 @@ def check_out_folder(out: Path, command: str):
         raise RunError(f"--out {out} is a folder that holds other files, not a run of {command}; "
                        "choose a new or empty folder, so that nothing in it is overwritten")
 
-def check_out(out: Path, cfg: TrainConfig, global_batch: int | None = None) -> tuple[Path | None, list[str]]:
+def check_out(out: Path, cfg: LoopConfig, global_batch: int | None = None) -> tuple[Path | None, list[str]]:
     "The checkpoint to resume from (None: start afresh) and why newer ones were skipped; refuses what would lose work."
-    check_out_folder(out, COMMAND)
+    check_out_folder(out, cfg.COMMAND)
     held = (out / "metrics.jsonl").is_file() or bool(checkpoints(out))
     if not cfg.resume:
         if held: raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -234,9 +313,9 @@ def check_out(out: Path, cfg: TrainConfig, global_batch: int | None = None) -> t
         return None, []
     meta = json.loads((ckpt / "meta.json").read_text())
     saved = meta["config"]
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in cfg.RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if global_batch is not None and global_batch != meta["global_batch"]:  # processes x batch-size x grad-accum
-        changed.append(f"global batch: {meta['global_batch']} -> {global_batch} windows")
+        changed.append(f"global batch: {meta['global_batch']} -> {global_batch}")
     if changed: raise RunError(f"cannot resume {ckpt} with other settings ({'; '.join(changed)}); "
                                "use the run's settings, or start a new --out")
     return ckpt, skipped
@@ -257,36 +336,19 @@ def _data(cfg: TrainConfig, acc) -> tuple[np.ndarray, np.ndarray, dict]:
     n_train = int(len(tokens) * (1 - cfg.val_fraction))
     return tokens[:n_train], tokens[n_train:], meta
 
-# %% ../nbs/07_train.ipynb #3843e3ed
-@torch.no_grad()
-def validate(model, sampler: WindowSampler, n_batches: int, device, precision: str = "fp32",
-             accelerator=None, forward=None) -> float:
-    "Mean loss over the first `n_batches` batches of `sampler`, averaged over all processes."
-    forward = model if forward is None else forward
-    model.eval()
-    total = torch.zeros((), device=device)
-    for i in range(n_batches):
-        with autocast(device, precision): total += calc_loss_batch(*sampler.batch(i), forward, device)
-    model.train()
-    total /= n_batches
-    return (accelerator.reduce(total, "mean") if accelerator is not None else total).item()
-
 # %% ../nbs/07_train.ipynb #31e88737
 @dataclass
 class Run:
     "The state of a training run in one process."
-    cfg: TrainConfig
+    cfg: LoopConfig
     acc: object  # the `Accelerator`
-    mcfg: GPTConfig
-    meta: dict  # the token file's metadata
+    task: Task
     model: torch.nn.Module  # wrapped for the strategy
     optimizer: torch.optim.Optimizer
     forward: object  # the model, or its torch.compile'd version
-    sampler: WindowSampler
-    val: WindowSampler
-    n_params: int
+    max_steps: int
+    record: dict  # what every checkpoint records besides the step: the model's config, the data it learns from
     step: int = 0
-    tokens_seen: int = 0
     saved_at: int = -1  # the step of the newest checkpoint
 
     @property
@@ -305,8 +367,25 @@ def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
     if any_failed(acc, err is not None):
         raise RunError(f"cannot write the run folder {out} ({err or 'process 0 could not'}); choose a --out you can write")
 
+def launch_run(cfg: LoopConfig, acc, model: torch.nn.Module, task: Task, record: dict, ckpt: Path | None,
+               max_steps: int, rank: int = 0) -> Run:
+    "Wrap `model` for the strategy, make its optimiser, restore `ckpt` if resuming, and write the run folder."
+    model = wrap_model(model, cfg.strategy, acc)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    forward = torch.compile(model) if cfg.compile else model
+    _seed_all(cfg.seed + 1 + rank)  # a different dropout stream per data-parallel rank
+    run = Run(cfg, acc, task, model, optimizer, forward, max_steps, record)
+    if ckpt is not None:
+        saved = load_state(ckpt, model, optimizer, acc, check=False)  # check_out checked its files
+        run.step = run.saved_at = saved["step"]
+        if saved["world_size"] != acc.num_processes and acc.is_main_process:
+            print(f"note: resuming a {saved['world_size']}-process run on {acc.num_processes}: the same global "
+                  "batches, but dropout's random streams differ")
+    start_folder(run.out, {"command": cfg.COMMAND, **dataclasses.asdict(cfg)}, acc, None if ckpt is None else run.step)
+    return run
+
 def start_run(cfg: TrainConfig, acc) -> Run:
-    "Data, model, optimiser and samplers of run `cfg` in this process; restored from a checkpoint on resume."
+    "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
     out, world, rank = Path(cfg.out), acc.num_processes, acc.process_index
     if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
     ckpt, skipped = check_out(out, cfg, cfg.batch_size * cfg.grad_accum * (1 if cfg.strategy == "tp" else world))
@@ -330,23 +409,14 @@ def start_run(cfg: TrainConfig, acc) -> Run:
         raise RunError(f"the validation split has {len(val_tokens)} tokens, fewer than one window of {ctx + 1}; "
                        "raise --val-fraction, lower --context-length, or use a larger text")
     val = WindowSampler(val_tokens, ctx, cfg.batch_size, dp_world, dp_rank, 1, cfg.seed, stream=1, strict=False)
+    task = Pretraining(sampler, val, cfg.eval_batches, acc.device, cfg.precision, acc, flops_per_token(mcfg))
     _seed_all(cfg.seed)  # the same initial weights in every process
     model = GPTModel(mcfg)
-    n_params = num_params(model)
-    model = wrap_model(model, cfg.strategy, acc)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    forward = torch.compile(model) if cfg.compile else model
-    _seed_all(cfg.seed + 1 + dp_rank)  # a different dropout stream per data-parallel rank
-    run = Run(cfg, acc, mcfg, meta, model, optimizer, forward, sampler, val, n_params)
-    if ckpt is not None:
-        saved = load_state(ckpt, model, optimizer, acc, check=False)  # check_out checked its files
-        run.step, run.tokens_seen, run.saved_at = saved["step"], saved["tokens_seen"], saved["step"]
-        if saved["world_size"] != world and acc.is_main_process:
-            print(f"note: resuming a {saved['world_size']}-process run on {world}: the same global batches, but "
-                  "dropout's random streams differ")
-    start_folder(out, {"command": COMMAND, **dataclasses.asdict(cfg)}, acc, None if ckpt is None else run.step)
+    record = {"model_config": dataclasses.asdict(mcfg), "parameters": num_params(model),
+              "data": {k: meta[k] for k in ("sha256", "n_tokens", "tokenizer", "chars") if k in meta}}
+    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps, dp_rank)
     if acc.is_main_process:
-        print(f"{cfg.model}: {n_params:,} parameters, {world} process(es), {cfg.strategy}, {acc.device}; "
+        print(f"{cfg.model}: {record['parameters']:,} parameters, {world} process(es), {cfg.strategy}, {acc.device}; "
               f"{len(train_tokens):,} training tokens; " + (f"resuming at step {run.step}" if ckpt else "from scratch"))
     return run
 
@@ -360,10 +430,9 @@ def save_run(run: Run):
     "Checkpoint `run` at its current step (all processes together), keeping the newest `keep` checkpoints."
     if not _finite_weights(run.model, run.acc):
         raise _diverged(run, f"the weights hold NaN or infinite values at step {run.step}")
-    info = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.acc.num_processes,
-            "global_batch": run.sampler.global_batch, "strategy": run.cfg.strategy,
-            "config": dataclasses.asdict(run.cfg), "model_config": dataclasses.asdict(run.mcfg),
-            "data": {"sha256": run.meta["sha256"], "n_tokens": run.meta["n_tokens"]}}
+    info = {"step": run.step, **run.task.position(run.step), "world_size": run.acc.num_processes,
+            "global_batch": run.task.global_batch, "strategy": run.cfg.strategy,
+            "config": dataclasses.asdict(run.cfg), **run.record}
     save_state(run.out / "checkpoints" / f"step_{run.step:06d}", run.model, run.optimizer, info, run.acc)
     if run.acc.is_main_process: prune_checkpoints(run.out, run.step, run.cfg.keep)
     run.saved_at = run.step
@@ -375,17 +444,18 @@ def finish_run(run: Run, speeds: list[float]) -> dict | None:
     held = {"rank": acc.process_index, **holdings(run.model, run.optimizer)}
     from accelerate.utils import gather_object
     ranks = gather_object([held]) if world > 1 else [held]
-    final = full_model(run.model, run.mcfg, acc)  # every process takes part in the gathering
+    final = full_model(run.model, GPTConfig(**run.record["model_config"]), acc)  # every process takes part
     if not acc.is_main_process: return None
     from llm_scratch.weights import save_gpt2
     save_gpt2(final, out / "final")
-    tok = {k: run.meta[k] for k in ("tokenizer", "chars") if k in run.meta}
-    (out / "final" / "tokenizer.json").write_text(json.dumps(tok))
+    data = run.record["data"]
+    (out / "final" / "tokenizer.json").write_text(json.dumps({k: data[k] for k in ("tokenizer", "chars") if k in data}))
     rows = read_metrics(out)
     procs = "1 process" if world == 1 else f"{world} processes, {run.cfg.strategy}"
     plot_metrics(rows, out / "loss.png", f"{run.cfg.model} on {Path(run.cfg.data).name}, {procs}")
-    summary = {"world_size": world, "strategy": run.cfg.strategy, "steps": run.step, "tokens_seen": run.tokens_seen,
-               "parameters": run.n_params, "final_loss": rows[-1]["loss"] if rows else None,
+    summary = {"world_size": world, "strategy": run.cfg.strategy, "steps": run.step,
+               "tokens_seen": run.task.position(run.step)["tokens"], "parameters": run.record["parameters"],
+               "final_loss": rows[-1]["loss"] if rows else None,
                "tokens_per_s": float(np.median(speeds[1:] or speeds)) if speeds else None, "ranks": ranks}
     (out / "run.json").write_text(json.dumps(summary, indent=1))
     if run.cfg.strategy == "ddp" and len({r["fingerprint"] for r in ranks}) > 1:
@@ -405,45 +475,36 @@ def _diverged(run: Run, what: str) -> Diverged:
 
 def _postfix(row: dict) -> dict:
     "The progress bar's view of a metrics row."
-    fmt = {"loss": "{:.3f}", "val_loss": "{:.3f}", "lr": "{:.1e}", "tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
-    return {k.replace("tokens_per_s", "tok/s"): f.format(row[k]) for k, f in fmt.items() if row.get(k) is not None}
+    fmt = {"loss": "{:.3f}", "val_loss": "{:.3f}", "val_accuracy": "{:.1%}", "lr": "{:.1e}", "tokens_per_s": "{:,.0f}",
+           "examples_per_s": "{:,.1f}", "mfu": "{:.1%}"}
+    return {k.replace("tokens_per_s", "tok/s").replace("examples_per_s", "ex/s"): f.format(row[k])
+            for k, f in fmt.items() if row.get(k) is not None}
 
-def train(cfg: TrainConfig) -> dict | None:
-    "Run (or resume) the training `cfg` describes, in this process; launch N copies for N processes."
-    acc = make_accelerator()
-    try: return _train(cfg, acc)
-    finally:
-        if dist.is_initialized(): dist.destroy_process_group()
-        reset_accelerate()  # so that a notebook can launch again
-
-def _train(cfg: TrainConfig, acc) -> dict | None:
-    run = start_run(cfg, acc)
-    dev, main, world = acc.device, acc.is_main_process, acc.num_processes
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    step_tokens = run.sampler.global_batch * run.mcfg.context_length
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(dev, cfg.precision)
-    fpt = flops_per_token(run.mcfg)
+def fit(run: Run) -> list[float]:
+    "The training loop: steps from `run.step` to `run.max_steps`, with metrics, evaluations and checkpoints on schedule."
+    cfg, acc, task = run.cfg, run.acc, run.task
+    main, world = acc.is_main_process, acc.num_processes
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(acc.device, cfg.precision)
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (main and cfg.progress), unit="step")
+    bar = tqdm(total=run.max_steps, initial=run.step, disable=not (main and cfg.progress), unit="step")
     t_log, n_log, speeds = time.perf_counter(), 0, []
-    while run.step < cfg.max_steps:
-        lr = warmup_cosine(run.step, cfg.lr, cfg.max_steps, cfg.warmup, min_lr)
-        loss, norm = train_step(run.model, run.optimizer, run.sampler, run.step, lr, dev, cfg.precision,
-                                cfg.grad_clip, run.forward)
-        loss = acc.reduce(loss, "mean").item()  # the mean over all processes
-        if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+    while run.step < run.max_steps:
+        lr = warmup_cosine(run.step, cfg.lr, run.max_steps, cfg.warmup, cfg.final_lr)
+        loss, norm = train_step(run.model, run.optimizer, task, run.step, lr, cfg.precision, cfg.grad_clip, run.forward)
+        if loss is not None: loss = acc.reduce(loss, "mean").item()  # the mean over all processes
+        if (loss is not None and not math.isfinite(loss)) or (norm is not None and not math.isfinite(norm)):
             what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
             raise _diverged(run, f"{what} at step {run.step + 1}")
-        run.step += 1; run.tokens_seen += step_tokens; n_log += 1
-        last = run.step == cfg.max_steps
-        evaluate = cfg.eval_every > 0 and (run.step % cfg.eval_every == 0 or last)
+        run.step += 1; n_log += 1
+        last = run.step == run.max_steps
+        evaluate = cfg.eval_every > 0 and (run.step % cfg.eval_every == 0 or last) or task.epoch_end(run.step)
         if run.step % cfg.log_every == 0 or evaluate or last:
-            tps = n_log * step_tokens / (time.perf_counter() - t_log)
-            row = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "tokens": run.tokens_seen, "grad_norm": norm,
-                   "mfu": tps * fpt / (peak * world) if peak else None}
-            if evaluate: row["val_loss"] = validate(run.model, run.val, cfg.eval_batches, dev, cfg.precision, acc,
-                                                     run.forward)
-            speeds.append(tps)
+            speed = n_log * task.per_step / (time.perf_counter() - t_log)
+            row = {"step": run.step, "loss": loss, "lr": lr, f"{task.unit}_per_s": speed, **task.position(run.step),
+                   "grad_norm": norm}
+            if task.flops_per_unit: row["mfu"] = speed * task.flops_per_unit / (peak * world) if peak else None
+            if evaluate: row.update(task.evaluate(run.model, run.forward))
+            speeds.append(speed)
             if main:
                 append_metrics(run.out, row)
                 bar.set_postfix(_postfix(row), refresh=False)
@@ -451,10 +512,20 @@ def _train(cfg: TrainConfig, acc) -> dict | None:
         bar.update(1)
         if cfg.save_every and run.step % cfg.save_every == 0 and not last:
             t0 = time.perf_counter(); save_run(run)
-            t_log += time.perf_counter() - t0  # tokens per second without the checkpoint's time
+            t_log += time.perf_counter() - t0  # the speed without the checkpoint's time
     bar.close()
     if run.saved_at != run.step: save_run(run)
-    return finish_run(run, speeds)
+    return speeds
+
+def train(cfg: TrainConfig) -> dict | None:
+    "Run (or resume) the pretraining `cfg` describes, in this process; launch N copies for N processes."
+    acc = make_accelerator()
+    try:
+        run = start_run(cfg, acc)
+        return finish_run(run, fit(run))
+    finally:
+        if dist.is_initialized(): dist.destroy_process_group()
+        reset_accelerate()  # so that a notebook can launch again
 
 # %% ../nbs/07_train.ipynb #1bff95af
 def tune_malloc() -> bool:

@@ -1,5 +1,7 @@
 """Shared pytest set-up: the offline data mirror and a throw-away cache for every test session."""
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,13 @@ def env(tmp_path_factory):
              MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000", PYTHONHASHSEED="0")
     e.pop("OMP_NUM_THREADS", None)  # accelerate gives each CPU process its share of the cores
     return e
+
+
+def kill_tree(p: subprocess.Popen):
+    "`kill -9` the launcher and every process under it (torch's launcher starts each worker in a session of its own)."
+    import psutil
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    for q in procs:
+        try: q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess: pass
+    psutil.wait_procs(procs, timeout=30)

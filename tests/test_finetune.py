@@ -1,13 +1,18 @@
 """`llm_scratch_finetune` on several CPU processes (gloo, DDP through `accelerate launch`): every logged loss of
-two processes with batch b equals one process with batch 2b, for both tasks; and the command's errors."""
+two processes with batch b equals one process with batch 2b, for both tasks, under DDP and FSDP; a run killed with -9 resumes bit for bit
+on one and two processes; and the command's errors."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from llm_scratch.metrics import read_metrics
 from llm_scratch.distributed import free_port
+
+from conftest import kill_tree
 
 BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress"]
 
@@ -33,8 +38,10 @@ def compare(one, two, key="loss", tol=1e-4):
 @pytest.mark.parametrize("task,extra", [
     ("classify", ["--train", "all", "--limit", "96"]),
     ("instruct", ["--limit", "32", "--generate", "1", "--max-new-tokens", "4", "--mask-prompt"]),
+    ("classify", ["--train", "lora", "--lora-rank", "2", "--limit", "64", "--strategy", "fsdp"]),
 ])
 def test_two_processes_take_the_steps_of_one(env, tmp_path, task, extra):
+    env = {k: v for k, v in env.items() if k != "PYTHONHASHSEED"}  # each process hashes strings its own way
     run(env, [task, *BASE, *extra, "--batch-size", "8", "--out", str(tmp_path / "one")])
     run(env, [task, *BASE, *extra, "--batch-size", "4", "--out", str(tmp_path / "two")], nproc=2)
     compare(tmp_path / "one", tmp_path / "two")
@@ -62,3 +69,53 @@ def test_errors_say_what_to_do(env, tmp_path):
     assert p.returncode == 2 and "invalid choice" in p.stderr
     p = run(env, ["classify", *BASE, "--limit", "4", "--batch-size", "8", "--out", str(tmp_path / "y")], check=False)
     assert p.returncode == 2 and "lower --batch-size" in p.stderr
+
+
+def command(args, nproc):
+    "The command line of `llm_scratch_finetune args` in `nproc` processes."
+    if nproc == 1: return [sys.executable, "-m", "llm_scratch.finetune", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "llm_scratch.finetune", *args]
+
+
+def weights(folder):
+    "The tensors of a finished run's `final/` model."
+    from safetensors.torch import load_file
+    return load_file(str(folder / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("nproc,args", [
+    (1, ["classify", "--train", "lora", "--lora-rank", "2", "--limit", "160", "--batch-size", "4", "--dropout", "0.1"]),
+    (2, ["instruct", "--limit", "64", "--batch-size", "2", "--mask-prompt", "--generate", "1", "--max-new-tokens", "4",
+         "--dropout", "0.1", "--grad-accum", "2", "--warmup", "3", "--min-lr", "1e-4", "--grad-clip", "1",
+         "--strategy", "fsdp"]),
+])
+def test_a_killed_run_resumes_bit_for_bit(env, tmp_path, nproc, args):
+    "`kill -9` of every process after a checkpoint, then --resume: the losses and weights of the uninterrupted run."
+    args = [*args, "--init", "scratch:tiny", "--epochs", "2", "--lr", "1e-3", "--eval-every", "5", "--save-every", "3",
+            "--no-progress"]
+    subprocess.run(command(args + ["--out", str(tmp_path / "straight")], nproc), env=env, check=True,
+                   capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    p = subprocess.Popen(command(args + ["--out", str(out)], nproc), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while p.poll() is None and time.time() < deadline:  # kill once a checkpoint is whole and later steps are logged
+        if latest.is_file() and (out / "metrics.jsonl").is_file():
+            rows = read_metrics(out)
+            if rows and rows[-1]["step"] > int(latest.read_text()[5:]): break
+        time.sleep(0.002)
+    kill_tree(p)
+    p.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    killed_at = read_metrics(out)[-1]["step"]
+    subprocess.run(command(args + ["--out", str(out), "--resume"], nproc), env=env, check=True,
+                   capture_output=True, timeout=600)
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
+    print(f"{nproc} process(es): killed after step {killed_at} of {straight[-1]['step']}")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for key in ("loss", "lr", "val_loss", "val_accuracy", "epoch"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in straight], key
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -201,3 +201,14 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="merged"): load_lora(merge_lora(apply_lora(tiny(), rank=4)), path)
     with pytest.raises(ValueError, match="does not fit"): load_lora(tiny(n_layers=3), path)
     with pytest.raises(ValueError, match="apply_lora first"): save_lora(tiny(), tmp_path / "x.pt")
+
+
+def test_the_adapters_are_drawn_in_the_models_order_whatever_the_hash_seed():
+    "Processes of one run hash strings differently; each must still draw the same adapters (FSDP does not broadcast)."
+    import os, subprocess, sys
+    code = ("import torch; from llm_scratch.lora import apply_lora; from llm_scratch.model import GPTConfig, GPTModel; "
+            "m = GPTModel(GPTConfig.from_preset('tiny')); torch.manual_seed(0); apply_lora(m, 2); "
+            "print(sum(float(p.sum()) * (i + 1) for i, p in enumerate(p for n, p in m.named_parameters() if n.endswith('.A'))))")
+    out = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(s)}, check=True,
+                          capture_output=True, text=True).stdout for s in range(4)}
+    assert len(out) == 1, out

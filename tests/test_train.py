@@ -18,6 +18,8 @@ from llm_scratch.distributed import free_port
 from llm_scratch.checkpoint import load_trained
 from llm_scratch.weights import load_gpt2
 
+from conftest import kill_tree
+
 # the tiny preset with a short context: about 0.1-0.3 s a step on two shared cores
 BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "--lr", "1e-3", "--warmup", "5",
         "--log-every", "1", "--eval-every", "10", "--eval-batches", "2", "--no-progress"]
@@ -38,16 +40,6 @@ def run(env, args, nproc=1, launcher="accelerate", check=True, timeout=300):
     p = subprocess.run(command(args, nproc, launcher), env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
-
-
-def kill_tree(p: subprocess.Popen):
-    "`kill -9` the launcher and every process under it (torch's launcher starts each worker in a session of its own)."
-    import psutil
-    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    for q in procs:
-        try: q.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess: pass
-    psutil.wait_procs(procs, timeout=30)
 
 
 def losses(out): return {r["step"]: r["loss"] for r in read_metrics(out)}
