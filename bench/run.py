@@ -26,7 +26,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+import harness  # noqa: E402  (bench/harness.py, beside this file)
 from llm_scratch import perf  # noqa: E402
 from llm_scratch.data import write_atomic  # noqa: E402
 from llm_scratch.model import GPTConfig, GPTModel, num_params  # noqa: E402
@@ -104,7 +104,7 @@ class Bench:
         self.load = []  # (cpu s, wall s) of every timed call: how much of the machine we got
         self.clock = time.process_time if args.cpu_time else time.perf_counter
         self.res = {"train": [], "levers": [], "generate": [], "data": None, "peak": {}, "targets": []}
-        self.have_anchor = self._try(lambda: perf._anchor_module(False))
+        self.have_anchor = self._try(lambda: harness._anchor_module(False))
         self.have_hf = self._try(lambda: __import__("transformers"))
         if not (self.have_anchor and self.have_hf):
             log("note: missing baselines:", ", ".join(n for n, ok in (("llms_from_scratch", self.have_anchor),
@@ -148,9 +148,9 @@ class Bench:
         ours = GPTModel(cfg).to(self.dev)
         models = {"ours": (ours, ours)}
         if baselines and self.have_anchor:
-            a = perf.to_anchor(ours); models["anchor"] = (a, a)
+            a = harness.to_anchor(ours); models["anchor"] = (a, a)
         if baselines and self.have_hf:
-            h = perf.to_hf(ours); models["hf"] = (h, lambda x, h=h: h(x).logits)
+            h = harness.to_hf(ours); models["hf"] = (h, lambda x, h=h: h(x).logits)
         return models
 
     def parity(self, models: dict, cfg) -> float:
@@ -290,11 +290,11 @@ class Bench:
             fns = {"ours": ours_generate}
             models = {"ours": ours}
             if self.have_anchor:
-                models["anchor"] = perf.to_anchor(ours, kv_cache=True).eval()
-                fns["anchor"] = lambda m, n: perf.anchor_generate(m, prompt, n)
+                models["anchor"] = harness.to_anchor(ours, kv_cache=True).eval()
+                fns["anchor"] = lambda m, n: harness.anchor_generate(m, prompt, n)
             if self.have_hf:
-                models["hf"] = perf.to_hf(ours).eval()
-                fns["hf"] = lambda m, n: perf.hf_generate(m, prompt, n)
+                models["hf"] = harness.to_hf(ours).eval()
+                fns["hf"] = lambda m, n: harness.hf_generate(m, prompt, n)
             models = {k: m.to(dt) for k, m in models.items()}  # bf16: the weights themselves, for all
             prompt = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3)).to(self.dev)
             outs = {}
@@ -386,7 +386,7 @@ class Bench:
     def meta(self, elapsed: float) -> dict:
         cpu = sum(c for c, _ in self.load); wall = sum(w for _, w in self.load)
         share = cpu / (wall * torch.get_num_threads()) if wall and self.dev.type == "cpu" else None
-        m = perf.machine_info(self.dev)
+        m = harness.machine_info(self.dev)
         mode = "cuda" if self.dev.type == "cuda" else "cuda plan on cpu (dry run)" if self.args.plan else \
             "quick" if self.args.quick else "full"
         m.update(mode=mode,
@@ -448,9 +448,9 @@ def report(res: dict) -> str:
                  + f"; copy bandwidth {pk['bandwidth'] / 1e9:,.1f} GB/s"
                  + (f"; MFU in bf16 against {pk['spec']['bf16'] / 1e12:.0f} TFLOP/s ({pk['spec']['note']})"
                     if pk.get("spec", {}).get("bf16") else ""))
-    if res["train"]: parts += ["", "## training step (forward + backward + AdamW), tokens/s", perf.train_table(res)]
-    if res["levers"]: parts += ["", "## what each optimisation buys our model", perf.lever_table(res)]
-    if res["generate"]: parts += ["", "## greedy generation with KV cache, batch 1, tokens/s", perf.generate_table(res)]
+    if res["train"]: parts += ["", "## training step (forward + backward + AdamW), tokens/s", harness.train_table(res)]
+    if res["levers"]: parts += ["", "## what each optimisation buys our model", harness.lever_table(res)]
+    if res["generate"]: parts += ["", "## greedy generation with KV cache, batch 1, tokens/s", harness.generate_table(res)]
     d = res["data"]
     if d:
         parts += ["", "## data pipeline",
@@ -459,7 +459,7 @@ def report(res: dict) -> str:
                   f"sample a {d['batch']}x{d['context']} batch from the memmapped token file: {d['sample_ms']:.2f} ms = "
                   + (f"{d['sample_share']:.2%} of a {d['model']} {d['step_precision']} training step ({d['step_ms']:.0f} ms)"
                      if d["sample_share"] is not None else "(no training step measured)")]
-    if res["targets"]: parts += ["", "## targets", perf.target_table(res)]
+    if res["targets"]: parts += ["", "## targets", harness.target_table(res)]
     return "\n".join(parts)
 
 
