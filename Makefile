@@ -18,6 +18,9 @@ endif
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 export PYTHONHASHSEED ?= 0
+# One cache for every notebook, the book build and the tests: the book model is trained once per machine. (Chapters
+# that write throw-away token files set their own cache only where this is unset.)
+export LLM_SCRATCH_CACHE ?= $(HOME)/.cache/llm_scratch
 
 JB_ARGS := --config _book/_config.yml --toc _book/_toc.yml
 TEX_DEBS := texlive-latex-recommended texlive-fonts-recommended texlive-latex-extra texlive-xetex \

@@ -5,10 +5,16 @@
 # %% ../nbs/05_pretrain.ipynb #459b6e3e
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
+import platform
 import random
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import fetch, write_atomic
+from .data import cache_dir, fetch, write_atomic
 from .text import create_dataloader, gpt2_tokenizer
 from .model import GPTConfig, GPTModel, generate_simple
+from .weights import load_gpt2, save_gpt2
 
 # %% auto #0
-__all__ = ['text_to_ids', 'ids_to_text', 'perplexity', 'train_val_split', 'calc_loss_batch', 'calc_loss_loader', 'warmup_cosine',
-           'TrainLog', 'evaluate', 'train_model', 'plot_losses', 'rng_state', 'set_rng_state', 'atomic_torch_save',
-           'save_checkpoint', 'load_checkpoint']
+__all__ = ['BOOK_MODEL', 'text_to_ids', 'ids_to_text', 'perplexity', 'train_val_split', 'calc_loss_batch', 'calc_loss_loader',
+           'warmup_cosine', 'TrainLog', 'evaluate', 'train_model', 'plot_losses', 'rng_state', 'set_rng_state',
+           'atomic_torch_save', 'save_checkpoint', 'load_checkpoint', 'book_model']
 
 # %% ../nbs/05_pretrain.ipynb #6892a68a
 def text_to_ids(text: str, tokenizer) -> torch.Tensor:
@@ -94,7 +101,7 @@ def evaluate(model, train_loader, val_loader, device=None, eval_batches: int = 5
 def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eval_every: int = 10,
                 eval_batches: int = 5, schedule: Callable[[int], float] | None = None,
                 max_norm: float | None = None, start_context: str | None = None, tokenizer=None,
-                device=None, log: TrainLog | None = None, start_step: int = 0) -> TrainLog:
+                device=None, log: TrainLog | None = None, start_step: int = 0, bf16: bool = False) -> TrainLog:
     "Train `model` for `num_epochs` over `train_loader`, evaluating every `eval_every` steps."
     device = device or next(model.parameters()).device
     log = log or TrainLog()
@@ -104,7 +111,8 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
         for x, y in train_loader:
             if schedule is not None:
                 for g in optimizer.param_groups: g["lr"] = schedule(step)
-            loss = calc_loss_batch(x, y, model, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # bf16 matmuls, fp32 weights
+                loss = calc_loss_batch(x, y, model, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_norm is not None: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -180,3 +188,52 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng:
         optimizer.load_state_dict(ckpt["optimizer"])
     if restore_rng: set_rng_state(ckpt["rng"])
     return ckpt
+
+# %% ../nbs/05_pretrain.ipynb #2cd78a7b
+BOOK_MODEL = dict(  # the settings of the book's own model; changing any of them trains a new one
+    model=dict(emb_dim=192, n_layers=4, n_heads=6, context_length=128, drop_rate=0.0),  # GPT-2's vocabulary
+    data="tinyshakespeare", batch_size=16, epochs=2, lr=3e-3, min_lr=3e-4, warmup=30, weight_decay=0.1,
+    grad_clip=1.0, bf16=True, seed=123, eval_every=50, eval_batches=8)
+
+def _code_hash() -> str:
+    "A hash of the package's modules that the book model's training runs through."
+    import llm_scratch
+    here = Path(llm_scratch.__file__).resolve().parent  # the installed package, also when run from the notebook
+    h = hashlib.sha256()
+    for name in ("text.py", "attention.py", "model.py", "weights.py", "pretrain.py"): h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+def book_model(settings: dict | None = None) -> tuple[GPTModel, dict]:
+    "The book's own model (eval mode) and its training record: trained with `train_model` once, then read from the cache."
+    s = BOOK_MODEL if settings is None else settings
+    text = fetch(s["data"]).read_text(encoding="utf-8")
+    key = hashlib.sha256(json.dumps([s, _code_hash(), hashlib.sha256(text.encode()).hexdigest(), torch.__version__],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "book-model" / key
+    if (folder / "record.json").is_file():  # written last: the model beside it is whole
+        return load_gpt2(folder).eval(), json.loads((folder / "record.json").read_text())
+    torch.manual_seed(s["seed"])
+    model = GPTModel(GPTConfig.from_preset("tiny", **s["model"]))
+    ctx, (train_text, val_text) = model.cfg.context_length, train_val_split(text, 0.9)
+    train_loader = create_dataloader(train_text, s["batch_size"], ctx, ctx, shuffle=True, seed=s["seed"])
+    val_loader = create_dataloader(val_text, s["batch_size"], ctx, ctx, shuffle=False, drop_last=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    total = s["epochs"] * len(train_loader)
+    t0 = time.perf_counter()
+    log = train_model(model, train_loader, val_loader, optimizer, s["epochs"], s["eval_every"], s["eval_batches"],
+                      schedule=lambda k: warmup_cosine(k, s["lr"], total, s["warmup"], s["min_lr"]),
+                      max_norm=s["grad_clip"], device=torch.device("cpu"), bf16=s["bf16"])
+    seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad(): val_loss = calc_loss_loader(val_loader, model)  # all of the held-out text
+    record = {"settings": s, "log": dataclasses.asdict(log), "val_loss": val_loss, "seconds": seconds,
+              "tokens": total * s["batch_size"] * ctx, "steps": total,
+              "trained": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{torch.get_num_threads()} threads", "parameters": sum(p.numel() for p in model.parameters())}
+    tmp = folder.with_name(f".{key}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_gpt2(model, tmp)
+    (tmp / "record.json").write_text(json.dumps(record, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # all at once: a run killed while saving leaves no half model in the cache
+    return model, record
