@@ -20,7 +20,8 @@ from .text import EOT_ID
 
 # %% auto #0
 __all__ = ['GPT2_CHECKPOINTS', 'hf_name', 'is_conv1d', 'CheckpointError', 'gpt_state_dict', 'hf_state_dict', 'config_from_hf',
-           'read_hf_config', 'config_to_hf', 'Checkpoint', 'fetch_checkpoint', 'load_gpt2', 'save_gpt2']
+           'read_hf_config', 'config_to_hf', 'Checkpoint', 'fetch_checkpoint', 'load_gpt2', 'save_gpt2',
+           'pretrained_gpt2']
 
 # %% ../nbs/04_weights.ipynb #a5065c00
 _RENAMES = [("tok_emb.", "wte."), ("pos_emb.", "wpe."), ("final_norm.", "ln_f."), ("blocks.", "h."),
@@ -199,3 +200,15 @@ def save_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     write_atomic(d / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     write_atomic(d / "config.json", lambda p: p.write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n"))
     return d
+
+# %% ../nbs/04_weights.ipynb #02de636a
+def pretrained_gpt2(name: str = "gpt2-small", **kwargs) -> GPTModel | None:
+    "GPT-2 checkpoint `name` if its weights can be reached (`$LLM_SCRATCH_GPT2`, cache, mirror, download), else None."
+    local = os.environ.get("LLM_SCRATCH_GPT2")
+    if local and (Path(local) / name / "model.safetensors").is_file(): return load_gpt2(Path(local) / name, **kwargs)
+    try: return load_gpt2(name, **kwargs)
+    except FetchError:
+        print(f"GPT-2's weights ({name}) cannot be reached from this machine, so this output is missing. With internet "
+              f"access they download on first use; offline, put {GPT2_CHECKPOINTS[name].path} in the folder named by "
+              "LLM_SCRATCH_DATA, or a Hugging Face checkpoint folder in $LLM_SCRATCH_GPT2/" + name)
+        return None
