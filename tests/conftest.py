@@ -2,6 +2,7 @@
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,15 @@ def kill_tree(p: subprocess.Popen):
         try: q.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess: pass
     psutil.wait_procs(procs, timeout=30)
+
+
+def launch_command(module: str, args, nproc: int = 1, launcher: str = "accelerate") -> list[str]:
+    "The command line that runs `python -m module args` in `nproc` CPU processes, under accelerate or torchrun."
+    from llm_scratch.distributed import free_port
+    if nproc == 1: return [sys.executable, "-m", module, *args]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", module, *args]

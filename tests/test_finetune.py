@@ -3,25 +3,20 @@ two processes with batch b equals one process with batch 2b, for both tasks, und
 on one and two processes; and the command's errors."""
 import json
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from llm_scratch.metrics import read_metrics
-from llm_scratch.distributed import free_port
 
-from conftest import kill_tree
+from conftest import kill_tree, launch_command
 
 BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress"]
 
 
 def run(env, args, nproc=1, check=True):
-    if nproc == 1: cmd = [sys.executable, "-m", "llm_scratch.finetune", *args]
-    else: cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", str(free_port()), "-m", "llm_scratch.finetune", *args]
+    cmd = launch_command("llm_scratch.finetune", args, nproc)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -71,14 +66,6 @@ def test_errors_say_what_to_do(env, tmp_path):
     assert p.returncode == 2 and "lower --batch-size" in p.stderr
 
 
-def command(args, nproc):
-    "The command line of `llm_scratch_finetune args` in `nproc` processes."
-    if nproc == 1: return [sys.executable, "-m", "llm_scratch.finetune", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "llm_scratch.finetune", *args]
-
-
 def weights(folder):
     "The tensors of a finished run's `final/` model."
     from safetensors.torch import load_file
@@ -95,10 +82,10 @@ def test_a_killed_run_resumes_bit_for_bit(env, tmp_path, nproc, args):
     "`kill -9` of every process after a checkpoint, then --resume: the losses and weights of the uninterrupted run."
     args = [*args, "--init", "scratch:tiny", "--epochs", "2", "--lr", "1e-3", "--eval-every", "5", "--save-every", "3",
             "--no-progress"]
-    subprocess.run(command(args + ["--out", str(tmp_path / "straight")], nproc), env=env, check=True,
+    subprocess.run(launch_command("llm_scratch.finetune", args + ["--out", str(tmp_path / "straight")], nproc), env=env, check=True,
                    capture_output=True, timeout=600)
     out = tmp_path / "killed"
-    p = subprocess.Popen(command(args + ["--out", str(out)], nproc), env=env, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(launch_command("llm_scratch.finetune", args + ["--out", str(out)], nproc), env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     latest, deadline = out / "checkpoints" / "latest", time.time() + 300
     while p.poll() is None and time.time() < deadline:  # kill once a checkpoint is whole and later steps are logged
@@ -110,7 +97,7 @@ def test_a_killed_run_resumes_bit_for_bit(env, tmp_path, nproc, args):
     p.wait()
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
     killed_at = read_metrics(out)[-1]["step"]
-    subprocess.run(command(args + ["--out", str(out), "--resume"], nproc), env=env, check=True,
+    subprocess.run(launch_command("llm_scratch.finetune", args + ["--out", str(out), "--resume"], nproc), env=env, check=True,
                    capture_output=True, timeout=600)
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
     print(f"{nproc} process(es): killed after step {killed_at} of {straight[-1]['step']}")

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,8 +15,10 @@ from llm_scratch.parallel import (bubble_fraction, gpipe_timeline, launch, tp_sh
                                   zero_parts)
 from llm_scratch.model import count_params
 from llm_scratch.metrics import read_metrics
-from llm_scratch.distributed import bytes_per_rank, free_port
+from llm_scratch.distributed import bytes_per_rank
 from llm_scratch.checkpoint import load_trained
+
+from conftest import launch_command
 from llm_scratch.weights import load_gpt2
 
 
@@ -93,10 +94,7 @@ BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "-
 
 
 def train(env, args, nproc=1):
-    cmd = ([sys.executable, "-m", "llm_scratch.train", *args] if nproc == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), "-m", "llm_scratch.train", *args])
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(launch_command("llm_scratch.train", args, nproc, launcher="torchrun"), env=env, capture_output=True, text=True, timeout=300)
     if p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
 
 

@@ -6,7 +6,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import pytest
 import torch
 
 from llm_scratch.metrics import read_metrics
-from llm_scratch.distributed import free_port
 from llm_scratch.checkpoint import load_trained
 from llm_scratch.weights import load_gpt2
 
-from conftest import kill_tree
+from conftest import kill_tree, launch_command
 
 # the tiny preset with a short context: about 0.1-0.3 s a step on two shared cores
 BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "--lr", "1e-3", "--warmup", "5",
@@ -27,13 +25,7 @@ BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "-
 
 def command(args, nproc=1, launcher="accelerate"):
     "The command line that runs the trainer with `args` in `nproc` processes."
-    if nproc == 1: return [sys.executable, "-m", "llm_scratch.train", *args]
-    if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "llm_scratch.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", "llm_scratch.train", *args]
+    return launch_command("llm_scratch.train", args, nproc, launcher)
 
 
 def run(env, args, nproc=1, launcher="accelerate", check=True, timeout=300):
