@@ -23,8 +23,8 @@ from .tokens import RunError
 
 # %% auto #0
 __all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync',
-           'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel', 'full_model',
-           'free_port']
+           'sum_over_processes', 'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
+           'full_model', 'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -75,6 +75,11 @@ def grad_sync(model: torch.nn.Module, sync: bool):
 def _local(t: torch.Tensor) -> torch.Tensor:
     "This process's part of `t`: a DTensor's local shard, or `t` itself."
     return t.to_local() if isinstance(t, DTensor) else t
+
+def sum_over_processes(x, accelerator=None) -> torch.Tensor:
+    "`x` (a number or a tensor) summed over all processes, as a float tensor; `x` itself in one process."
+    x = torch.as_tensor(x, dtype=torch.float32, device=accelerator.device if accelerator is not None else None)
+    return accelerator.reduce(x, "sum") if accelerator is not None and accelerator.num_processes > 1 else x
 
 def any_failed(accelerator, failed: bool) -> bool:
     "Whether `failed` is true in any process; every process must call it (it is also a barrier)."

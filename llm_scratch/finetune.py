@@ -28,7 +28,7 @@ from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
 from .metrics import plot_metrics, read_metrics
-from .distributed import core_model, full_model, make_accelerator, reset_accelerate
+from .distributed import core_model, full_model, make_accelerator, reset_accelerate, sum_over_processes
 from .train import (MALLOC_TIP, LoopConfig, RunError, Task, _opt, add_options, autocast, check_out, config_from, fit,
                                launch_run, tune_malloc)
 from .weights import load_gpt2
@@ -174,11 +174,6 @@ def classify_loss(model, idx: Sequence[int], ds: SpamDataset, device=None):
     ids, lengths, targets = (t[idx].to(device) for t in (ds.ids, ds.lengths, ds.targets))
     return F.cross_entropy(classification_logits(model, ids, lengths).float(), targets, reduction="sum"), len(idx)
 
-def _total(x, acc=None) -> torch.Tensor:
-    "`x` summed over all processes."
-    x = torch.as_tensor(x, dtype=torch.float32, device=acc.device if acc is not None else None)
-    return acc.reduce(x, "sum") if acc is not None and acc.num_processes > 1 else x
-
 @torch.no_grad()
 def accuracy(model, ds: SpamDataset, acc=None, batch_size: int = 32, precision: str = "fp32") -> tuple[float, float]:
     "Accuracy and mean loss of `model` on all of `ds`, each process counting its share."
@@ -194,7 +189,7 @@ def accuracy(model, ds: SpamDataset, acc=None, batch_size: int = 32, precision: 
         right = right + (logits.argmax(-1) == targets).sum()
         loss = loss + F.cross_entropy(logits, targets, reduction="sum")
     model.train()
-    return (_total(right, acc) / len(ds)).item(), (_total(loss, acc) / len(ds)).item()
+    return (sum_over_processes(right, acc) / len(ds)).item(), (sum_over_processes(loss, acc) / len(ds)).item()
 
 class Classification(ExampleTask):
     "Spam or ham: a batch is a list of message indices, its loss the summed cross-entropy of their class scores."
@@ -289,7 +284,7 @@ def instruct_val_loss(model, ds: InstructionDataset, context_length: int, cfg: I
             ls, c = instruct_loss(model, mine[s:s + cfg.batch_size], ds, context_length, cfg.mask_prompt, acc.device)
         total, n = total + ls, n + c
     model.train()
-    return (_total(total, acc) / _total(n, acc)).item()
+    return (sum_over_processes(total, acc) / sum_over_processes(n, acc)).item()
 
 class InstructionTuning(ExampleTask):
     "Follow instructions: a batch is a padded (inputs, targets) pair of records, its loss summed over the counted targets."

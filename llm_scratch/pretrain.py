@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .data import cache_dir, fetch, write_atomic
 from .text import create_dataloader, gpt2_tokenizer
-from .model import GPTConfig, GPTModel, generate_simple
+from .model import GPTConfig, GPTModel, generate_simple, num_params
 from .weights import load_gpt2, save_gpt2
 
 # %% auto #0
@@ -229,7 +229,7 @@ def book_model(settings: dict | None = None) -> tuple[GPTModel, dict]:
     record = {"settings": s, "log": dataclasses.asdict(log), "val_loss": val_loss, "seconds": seconds,
               "tokens": total * s["batch_size"] * ctx, "steps": total,
               "trained": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{torch.get_num_threads()} threads", "parameters": sum(p.numel() for p in model.parameters())}
+              f"{torch.get_num_threads()} threads", "parameters": num_params(model)}
     tmp = folder.with_name(f".{key}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_gpt2(model, tmp)

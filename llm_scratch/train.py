@@ -30,7 +30,7 @@ from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .pretrain import calc_loss_batch, warmup_cosine
 from .metrics import append_metrics, flops_per_token, peak_flops, plot_metrics, read_metrics, truncate_metrics
 from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
-                                     reset_accelerate, wrap_model)
+                                     reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
@@ -222,8 +222,7 @@ class Task:
 
     def global_count(self, n: int) -> float:
         "The targets of all data-parallel processes, from this process's `n`."
-        if not self.counts_vary: return n * self.world
-        return self.acc.reduce(torch.tensor(float(n), device=self.device), "sum").item() if self.world > 1 else n
+        return sum_over_processes(n, self.acc).item() if self.counts_vary else n * self.world
 
 class Pretraining(Task):
     "Next-token prediction on random windows of a token file; the validation loss on a fixed set of other windows."
