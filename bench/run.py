@@ -44,7 +44,8 @@ import harness  # noqa: E402  (bench/harness.py, beside this file)
 from llm_scratch import perf  # noqa: E402
 from llm_scratch.data import write_atomic  # noqa: E402
 from llm_scratch.model import GPTConfig, GPTModel, num_params  # noqa: E402
-from llm_scratch.train import make_optimizer, malloc_tuned, tune_malloc # noqa: E402
+from llm_scratch.hardware import malloc_tuned, tune_malloc  # noqa: E402
+from llm_scratch.train import make_optimizer  # noqa: E402
 
 # model shapes: (name, GPTConfig keyword arguments); GPT-2's vocabulary throughout
 SHAPES = {
@@ -278,7 +279,8 @@ class Bench:
 
     # ---- generation -------------------------------------------------------------------------------
     def generate(self):
-        from llm_scratch.generate import decode_layout, generate
+        from llm_scratch.generate import generate
+        from llm_scratch.hardware import decode_layout
         n = self.p["new_tokens"]
         for shape, prec in self.p["gen"]:
             cfg = config(shape)

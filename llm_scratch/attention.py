@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hardware import sdpa_pays
+
 # %% auto #0
 __all__ = ['simple_attention', 'SelfAttention', 'causal_mask', 'attend', 'CausalAttention', 'MultiHeadAttentionWrapper',
-           'sdpa_pays', 'MultiHeadAttention']
+           'MultiHeadAttention']
 
 # %% ../nbs/02_attention.ipynb #123dd065
 def simple_attention(x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +84,6 @@ class MultiHeadAttentionWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(x) for head in self.heads], dim=-1)
-
-# %% ../nbs/02_attention.ipynb #2f26551f
-def sdpa_pays(q: torch.Tensor,  # queries (..., n_q, head_dim)
-              n_k: int | None = None,  # number of keys (default: as many as queries)
-             ) -> bool:
-    "Whether `F.scaled_dot_product_attention` is the faster path for `q`: yes, except for small bf16 attention on a CPU."
-    n_k = q.shape[-2] if n_k is None else n_k
-    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * n_k <= 512 * 512)
 
 # %% ../nbs/02_attention.ipynb #610b1d40
 class MultiHeadAttention(nn.Module):

@@ -29,8 +29,9 @@ from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
 from .metrics import plot_metrics, read_metrics
 from .distributed import core_model, full_model, make_accelerator, reset_accelerate, sum_over_processes
-from .train import (MALLOC_TIP, LoopConfig, RunError, Task, _opt, add_options, autocast, check_out, config_from, fit,
-                               launch_run, tune_malloc)
+from .hardware import MALLOC_TIP, tune_malloc
+from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, check_out, config_from, fit,
+                               launch_run)
 from .weights import load_gpt2
 
 # %% auto #0

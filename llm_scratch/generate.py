@@ -5,7 +5,6 @@
 # %% ../nbs/06_generate.ipynb #9768bcb2
 from __future__ import annotations
 
-import contextlib
 import math
 from numbers import Integral, Real
 
@@ -14,8 +13,7 @@ import torch
 from .model import GPTModel
 
 # %% auto #0
-__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'forward_with_cache', 'generate',
-           'decode_layout']
+__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'forward_with_cache', 'generate']
 
 # %% ../nbs/06_generate.ipynb #fcc8ce72
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -158,16 +156,3 @@ def generate(model: GPTModel,
     finally:
         model.train(was_training)
     return idx
-
-# %% ../nbs/06_generate.ipynb #aa7c713c
-@contextlib.contextmanager
-def decode_layout(model: torch.nn.Module):
-    "Inside the block, the model's float32 CPU matrices are stored (in, out): faster one-token steps, same results."
-    mats = [p for p in model.parameters() if p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
-            and p.is_contiguous() and type(p.data) is torch.Tensor]  # plain tensors: not a sharded DTensor
-    with torch.no_grad():
-        for p in mats: p.data = p.data.t().contiguous().t()  # the same (out, in) tensor, stored column by column
-    try: yield model
-    finally:
-        with torch.no_grad():
-            for p in mats: p.data = p.data.contiguous()

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import fetch, write_atomic
 from .text import EOT_ID
-from .generate import decode_layout, generate
+from .generate import generate
+from .hardware import decode_layout
 
 # %% auto #0
 __all__ = ['INSTRUCTION_KEYS', 'PREAMBLE', 'RESPONSE_HEADER', 'EOT', 'validate_records', 'load_instructions', 'format_prompt',

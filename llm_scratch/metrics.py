@@ -10,32 +10,17 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from .data import write_atomic
 from .model import GPTConfig, count_params
 
 # %% auto #0
-__all__ = ['flops_per_token', 'peak_flops', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'json_line', 'append_metrics']
+__all__ = ['flops_per_token', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'json_line', 'append_metrics']
 
 # %% ../nbs/06b_metrics.ipynb #b409448b
 def flops_per_token(cfg: GPTConfig) -> float:
     "Training FLOPs per token: 6 per parameter (position embeddings excluded) plus attention's 12 L T d."
     n = count_params(cfg) - cfg.context_length * cfg.emb_dim
     return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim
-
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-                  "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks; V100 and T4 have no bf16 cores
-
-def peak_flops(device: torch.device, precision: str = "fp32") -> float | None:
-    "A guess of one device's peak FLOP/s (bf16, or TF32/fp32 for fp32); None if unknown."
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in _GPU_PEAK_BF16.items() if k in name), None)
-        return peak if peak is None or precision == "bf16" else peak / 2  # TF32 runs at half the bf16 rate
-    if device.type == "cpu":  # measured on the book's machine: 2-core matmul peak, per core
-        return torch.get_num_threads() * (565e9 if precision == "bf16" else 122e9)
-    return None
 
 # %% ../nbs/06b_metrics.ipynb #17912c41
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import math
@@ -28,16 +26,17 @@ from .data import DATASETS, FetchError, write_atomic
 from .tokens import RunError, WindowSampler, load_tokens, token_file
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .pretrain import calc_loss_batch, warmup_cosine
-from .metrics import append_metrics, flops_per_token, peak_flops, plot_metrics, read_metrics, truncate_metrics
+from .hardware import MALLOC_TIP, peak_flops, tune_malloc
+from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
 from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'LoopConfig', 'TrainConfig', 'add_options', 'build_parser', 'read_toml', 'config_from', 'parse_args',
-           'make_optimizer', 'autocast', 'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step',
-           'model_config', 'run_command', 'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run',
-           'start_run', 'save_run', 'finish_run', 'Diverged', 'fit', 'train', 'tune_malloc', 'malloc_tuned', 'main']
+__all__ = ['LoopConfig', 'TrainConfig', 'add_options', 'build_parser', 'read_toml', 'config_from', 'parse_args', 'make_optimizer',
+           'autocast', 'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'model_config', 'run_command',
+           'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run', 'start_run', 'save_run', 'finish_run',
+           'Diverged', 'fit', 'train', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
@@ -124,9 +123,6 @@ class TrainConfig(LoopConfig):
         if not 0 < self.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 # %% ../nbs/07_train.ipynb #064e2dfc
-MALLOC_TIP = ("On Linux, glibc's allocator can make CPU training 2-3x slower; the command keeps freed memory, as "
-              "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 would, unless MALLOC_MMAP_MAX_ is set.")
-
 def add_options(p: argparse.ArgumentParser, cls: type = None) -> argparse.ArgumentParser:
     "Give parser `p` (made with `argument_default=SUPPRESS`) `--config` and one option per field of config class `cls`."
     p.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (the command line wins)")
@@ -525,19 +521,6 @@ def train(cfg: TrainConfig) -> dict | None:
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
         reset_accelerate()  # so that a notebook can launch again
-
-# %% ../nbs/07_train.ipynb #1bff95af
-def tune_malloc() -> bool:
-    "Make glibc's malloc keep freed memory (no mmap for big blocks, no trimming); False where there is no glibc."
-    try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError: return False
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"): return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-def malloc_tuned() -> bool:
-    "Whether the environment asked glibc to keep freed memory (MALLOC_MMAP_MAX_=0)."
-    return os.environ.get("MALLOC_MMAP_MAX_") == "0"
 
 # %% ../nbs/07_train.ipynb #c8fcbb74
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from llm_scratch.generate import (KVCache, decode_layout, forward_with_cache, generate, sample_next,
+from llm_scratch.generate import (KVCache, forward_with_cache, generate, sample_next,
                                   top_k_filter, top_p_filter)
+from llm_scratch.hardware import decode_layout
 from llm_scratch.model import GPTConfig, GPTModel
 
 
