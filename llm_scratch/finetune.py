@@ -30,8 +30,8 @@ from .text import gpt2_tokenizer
 from .metrics import plot_metrics, read_metrics
 from .distributed import core_model, full_model, make_accelerator, reset_accelerate, sum_over_processes
 from .hardware import MALLOC_TIP, tune_malloc
-from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, check_out, config_from, fit,
-                               launch_run)
+from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
+                               resume_point)
 from .weights import load_gpt2
 
 # %% auto #0
@@ -203,14 +203,6 @@ class Classification(ExampleTask):
         return dict(zip(("val_accuracy", "val_loss"), accuracy(model, self.val_ds, self.acc, precision=self.precision)))
 
 # %% ../nbs/12_finetune.ipynb #5e005673
-def _start(cfg: FinetuneConfig, acc):
-    "The checkpoint to resume from (None: start afresh), once every process has checked the output folder."
-    ckpt, skipped = check_out(Path(cfg.out), cfg, cfg.batch_size * cfg.grad_accum * acc.num_processes)
-    if acc.is_main_process:
-        for why in skipped: print(f"skipping a damaged checkpoint: {why}", file=sys.stderr)
-    acc.wait_for_everyone()  # every process has looked at the folder before process 0 changes it
-    return ckpt
-
 def _finish(run, results: dict, title: str):
     "Write the loss plot and results.json of a fine-tuning run (process 0)."
     plot_metrics(read_metrics(run.out), run.out / "loss.png", title)
@@ -218,7 +210,7 @@ def _finish(run, results: dict, title: str):
 
 def finetune_classifier(cfg: ClassifyConfig, acc) -> dict | None:
     "Fine-tune (or resume fine-tuning) a spam classifier as `cfg` says, in this process; returns the results on process 0."
-    ckpt = _start(cfg, acc)
+    ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * acc.num_processes)
     model = initial_model(cfg.init, cfg.dropout)
     train_ds, val_ds, test_ds = spam_splits(cfg.max_length, model.cfg.context_length, cfg.limit, cfg.seed)
     task = Classification(train_ds, val_ds, cfg, acc)  # refuses too few examples, before anything is written
@@ -308,7 +300,7 @@ class InstructionTuning(ExampleTask):
 
 def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     "Instruction-tune (or resume tuning) a model as `cfg` says, in this process; returns the results on process 0."
-    ckpt = _start(cfg, acc)
+    ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * acc.num_processes)
     model = initial_model(cfg.init, cfg.dropout)
     ctx = min(cfg.max_length or model.cfg.context_length, model.cfg.context_length)
     parts = split_records(load_instructions())

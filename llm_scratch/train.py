@@ -35,8 +35,8 @@ from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, 
 # %% auto #0
 __all__ = ['LoopConfig', 'TrainConfig', 'add_options', 'build_parser', 'read_toml', 'config_from', 'parse_args', 'make_optimizer',
            'autocast', 'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'model_config', 'run_command',
-           'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run', 'start_run', 'save_run', 'finish_run',
-           'Diverged', 'fit', 'train', 'main']
+           'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run', 'resume_point', 'start_run',
+           'save_run', 'finish_run', 'Diverged', 'fit', 'train', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
@@ -379,14 +379,19 @@ def launch_run(cfg: LoopConfig, acc, model: torch.nn.Module, task: Task, record:
     start_folder(run.out, {"command": cfg.COMMAND, **dataclasses.asdict(cfg)}, acc, None if ckpt is None else run.step)
     return run
 
-def start_run(cfg: TrainConfig, acc) -> Run:
-    "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
-    out, world, rank = Path(cfg.out), acc.num_processes, acc.process_index
-    if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
-    ckpt, skipped = check_out(out, cfg, cfg.batch_size * cfg.grad_accum * (1 if cfg.strategy == "tp" else world))
+def resume_point(cfg: LoopConfig, acc, global_batch: int) -> Path | None:
+    "The checkpoint run `cfg` resumes from (None: a fresh start), once every process has checked the output folder."
+    ckpt, skipped = check_out(Path(cfg.out), cfg, global_batch)
     if acc.is_main_process:
         for why in skipped: print(f"skipping a damaged checkpoint: {why}", file=sys.stderr)
     acc.wait_for_everyone()  # every process has looked at the folder before process 0 changes it
+    return ckpt
+
+def start_run(cfg: TrainConfig, acc) -> Run:
+    "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
+    world, rank = acc.num_processes, acc.process_index
+    if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
+    ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * (1 if cfg.strategy == "tp" else world))
     train_tokens, val_tokens, meta = _data(cfg, acc)
     if ckpt is not None:
         was = json.loads((ckpt / "meta.json").read_text())["data"]["sha256"]
