@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from .classify import (LABELS, SpamDataset, balance, classification_logits, freeze_except_top,
                                   load_sms_spam, make_classifier, set_dropout, split, trainable_params)
 from .data import FetchError, write_atomic
-from .instruct import (collate_instructions, evaluate_responses, generate_responses, load_instructions,
-                                  save_responses, split_records, InstructionDataset)
+from .instruct import (CHAT_TEMPLATE, collate_instructions, evaluate_responses, generate_responses,
+                                  load_instructions, save_responses, split_records, InstructionDataset)
 from .lora import apply_lora, lora_layers, merge_lora
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
@@ -31,8 +31,8 @@ from .metrics import plot_metrics, read_metrics
 from .distributed import core_model, full_model, make_accelerator, reset_accelerate, sum_over_processes
 from .hardware import MALLOC_TIP, tune_malloc
 from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
-                               resume_point)
-from .weights import load_gpt2
+                               resume_point, settle_precision)
+from .weights import load_gpt2, save_tokenizer
 
 # %% auto #0
 __all__ = ['TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora', 'FinetuneConfig',
@@ -210,6 +210,7 @@ def _finish(run, results: dict, title: str):
 
 def finetune_classifier(cfg: ClassifyConfig, acc) -> dict | None:
     "Fine-tune (or resume fine-tuning) a spam classifier as `cfg` says, in this process; returns the results on process 0."
+    cfg = settle_precision(cfg, acc.device)  # auto: bf16 where the device computes it natively
     ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * acc.num_processes)
     model = initial_model(cfg.init, cfg.dropout)
     train_ds, val_ds, test_ds = spam_splits(cfg.max_length, model.cfg.context_length, cfg.limit, cfg.seed)
@@ -300,6 +301,7 @@ class InstructionTuning(ExampleTask):
 
 def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     "Instruction-tune (or resume tuning) a model as `cfg` says, in this process; returns the results on process 0."
+    cfg = settle_precision(cfg, acc.device)  # auto: bf16 where the device computes it natively
     ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * acc.num_processes)
     model = initial_model(cfg.init, cfg.dropout)
     ctx = min(cfg.max_length or model.cfg.context_length, model.cfg.context_length)
@@ -324,6 +326,7 @@ def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     final = without_lora(final).eval()
     from llm_scratch.weights import save_gpt2
     save_gpt2(final, run.out / "final")
+    save_tokenizer(run.out / "final", "gpt2", context_length=final.cfg.context_length, chat_template=CHAT_TEMPLATE)
     answered = generate_responses(final, test[:cfg.generate] if cfg.generate is not None else test, tok,
                                   max_new_tokens=cfg.max_new_tokens)
     save_responses(run.out / "test_responses.json", answered)

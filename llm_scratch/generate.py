@@ -5,15 +5,26 @@
 # %% ../nbs/06_generate.ipynb #9768bcb2
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
 from numbers import Integral, Real
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from .data import FetchError
+from .hardware import decode_layout
 from .model import GPTModel
+from .text import EOT_ID, CharTokenizer, gpt2_tokenizer
+from .weights import GPT2_CHECKPOINTS, load_gpt2, load_tokenizer
 
 # %% auto #0
-__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'forward_with_cache', 'generate']
+__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'forward_with_cache', 'stream',
+           'generate', 'model_folder', 'load_for_generation', 'print_stream', 'chat_prompt', 'build_parser', 'main']
 
 # %% ../nbs/06_generate.ipynb #fcc8ce72
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -126,17 +137,10 @@ def _cached_step(model, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch
 
 # %% ../nbs/06_generate.ipynb #e8d05bc7
 @torch.no_grad()
-def generate(model: GPTModel,
-             idx: torch.Tensor,  # (batch, tokens) prompt ids
-             max_new_tokens: int,  # how many tokens to add at most
-             temperature: float = 0.0,  # 0 = greedy; else sample from softmax(logits / temperature)
-             top_k: int | None = None,  # sample among the k most likely tokens only
-             top_p: float | None = None,  # sample among the smallest set with probability >= top_p
-             eos_id: int | None = None,  # stop once every sequence has produced this id
-             use_cache: bool = True,  # use a KV cache (same tokens, much faster)
-             generator: torch.Generator | None = None,  # random source for sampling
-             seed: int | None = None) -> torch.Tensor:  # seeds a fresh generator, if none is given
-    "Extend `idx` by up to `max_new_tokens` tokens; returns (batch, tokens + new)."
+def stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
+           generator: torch.Generator | None = None, seed: int | None = None):
+    "Yield each new token (batch, 1) as it is chosen: `generate`'s loop, for printing text as it comes."
     _check_decoding(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(idx, model.cfg.vocab_size)
     if generator is None and seed is not None: generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -152,7 +156,115 @@ def generate(model: GPTModel,
                 nxt = nxt.masked_fill(done[:, None], eos_id)
                 done |= nxt[:, 0] == eos_id
             idx = torch.cat([idx, nxt], dim=1)
+            yield nxt
             if eos_id is not None and bool(done.all()): break
     finally:
         model.train(was_training)
-    return idx
+
+def generate(model: GPTModel,
+             idx: torch.Tensor,  # (batch, tokens) prompt ids
+             max_new_tokens: int,  # how many tokens to add at most
+             temperature: float = 0.0,  # 0 = greedy; else sample from softmax(logits / temperature)
+             top_k: int | None = None,  # sample among the k most likely tokens only
+             top_p: float | None = None,  # sample among the smallest set with probability >= top_p
+             eos_id: int | None = None,  # stop once every sequence has produced this id
+             use_cache: bool = True,  # use a KV cache (same tokens, much faster)
+             generator: torch.Generator | None = None,  # random source for sampling
+             seed: int | None = None) -> torch.Tensor:  # seeds a fresh generator, if none is given
+    "Extend `idx` by up to `max_new_tokens` tokens; returns (batch, tokens + new)."
+    new = stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, seed)
+    return torch.cat([idx, *new], dim=1)
+
+# %% ../nbs/06_generate.ipynb #e241e885
+def model_folder(source: str | os.PathLike) -> Path:
+    "The model folder `source` names: a Hugging Face folder itself, or the `final/` folder of a training run."
+    path = Path(source)
+    if (path / "model.safetensors").is_file(): return path
+    if (path / "final" / "model.safetensors").is_file(): return path / "final"
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{path} is a run without final/ (unfinished?): resume it with --resume to finish it")
+    raise FileNotFoundError(f"{source} is not a GPT-2 name ({', '.join(GPT2_CHECKPOINTS)}), a Hugging Face GPT-2 "
+                            "folder (model.safetensors + config.json) or a run folder with final/")
+
+def load_for_generation(source: str, device: str = "cpu") -> tuple[GPTModel, object, str | None]:
+    "The model, tokenizer and chat template (or None) that `source` names: a GPT-2 name, a Hugging Face folder, a run."
+    if source in GPT2_CHECKPOINTS and not Path(source).exists():
+        return load_gpt2(source, device=device), gpt2_tokenizer(), None
+    folder = model_folder(source)
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return load_gpt2(folder, device=device), load_tokenizer(folder), template
+
+def print_stream(model: GPTModel, tokenizer, prompt_ids: list[int], out=sys.stdout, **kw) -> str:
+    "Generate after `prompt_ids`, writing the text to `out` as it comes; returns it (without an end-of-text token)."
+    eos = EOT_ID if model.cfg.vocab_size > EOT_ID and not isinstance(tokenizer, CharTokenizer) else None
+    idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    ids, shown, eos = [], "", kw.pop("eos_id", eos)
+    with decode_layout(model):  # float32 on a CPU: faster one-token steps, the same tokens
+        for nxt in stream(model, idx, eos_id=eos, **kw):
+            if eos is not None and nxt.item() == eos: break
+            ids.append(nxt.item())
+            text = tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):  # a character split across tokens waits for its last byte
+                out.write(text[len(shown):]); out.flush(); shown = text
+    text = tokenizer.decode(ids)
+    out.write(text[len(shown):] + "\n"); out.flush()
+    return text
+
+def chat_prompt(template: str, instruction: str) -> str:
+    "The prompt an instruction-tuned model was trained on, from its folder's chat template (Jinja, as Hugging Face's)."
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    return ImmutableSandboxedEnvironment().from_string(template).render(
+        messages=[{"role": "user", "content": instruction}], add_generation_prompt=True)
+
+def build_parser() -> argparse.ArgumentParser:
+    "The command-line parser of `llm_scratch_generate`."
+    p = argparse.ArgumentParser(prog="llm_scratch_generate", description="Continue a prompt with a GPT, printing the "
+                                "tokens as they come (a KV cache makes each step one token's work).",
+                                epilog='Example: llm_scratch_generate --model runs/train "ROMEO:" --max-new-tokens 200')
+    p.add_argument("prompt", nargs="?", help="the text to continue; '-' or nothing reads standard input")
+    p.add_argument("--model", default="gpt2-small", help=f"{', '.join(GPT2_CHECKPOINTS)}, a Hugging Face GPT-2 "
+                   "folder, or a training run's folder (its final/) (default: gpt2-small)")
+    p.add_argument("--file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; higher: more varied (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    p.add_argument("--top-p", type=float, help="sample among the smallest set with this probability")
+    p.add_argument("--seed", type=int, default=1337, help="the random seed of the sampling (default: 1337)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token")
+    p.add_argument("--chat", action="store_true", help="an instruction-tuned model: read instructions, one per line, "
+                   "and answer each in the prompt format it was trained on")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    return p
+
+def main(argv: Sequence[str] | None = None, stdin=sys.stdin, stdout=sys.stdout) -> int:
+    "The `llm_scratch_generate` command: load a model, continue a prompt (or chat), return the exit status."
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        _check_decoding(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+        model, tokenizer, template = load_for_generation(a.model, a.device)
+    except (ValueError, FileNotFoundError, FetchError) as e: p.exit(2, f"llm_scratch_generate: error: {e}\n")
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.ignore_eos: kw["eos_id"] = None
+    encode = lambda text: (tokenizer.encode(text, allowed_special="all") if hasattr(tokenizer, "eot_token")
+                           else tokenizer.encode_ordinary(text))
+    if a.chat:
+        if template is None: p.exit(2, f"llm_scratch_generate: error: {a.model} has no chat template; --chat needs "
+                                        "an instruction-tuned model (the final/ of llm_scratch_finetune instruct)\n")
+        if stdin.isatty(): stdout.write("Instructions, one per line (Ctrl-D ends):\n> "); stdout.flush()
+        for line in stdin:
+            if line.strip(): print_stream(model, tokenizer, encode(chat_prompt(template, line.strip())), stdout, **kw)
+            if stdin.isatty(): stdout.write("> "); stdout.flush()
+        return 0
+    if a.file: prompt = Path(a.file).read_text(encoding="utf-8")
+    elif a.prompt in (None, "-"): prompt = stdin.read()
+    else: prompt = a.prompt
+    try: ids = encode(prompt)
+    except ValueError as e: p.exit(2, f"llm_scratch_generate: error: the prompt: {e}\n")
+    if not ids: p.exit(2, "llm_scratch_generate: error: the prompt is empty\n")
+    stdout.write(prompt); stdout.flush()
+    print_stream(model, tokenizer, ids, stdout, **kw)
+    return 0
+
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())  # python -m llm_scratch.generate

@@ -14,7 +14,7 @@ import torch
 
 # %% auto #0
 __all__ = ['MALLOC_TIP', 'GPU_PEAK_BF16', 'CPU_PEAK_PER_THREAD', 'sdpa_pays', 'decode_layout', 'tune_malloc', 'malloc_tuned',
-           'peak_flops']
+           'peak_flops', 'bf16_native']
 
 # %% ../nbs/00a_hardware.ipynb #756e0d56
 def sdpa_pays(q: torch.Tensor,  # queries (..., n_q, head_dim)
@@ -66,3 +66,12 @@ def peak_flops(device: torch.device, precision: str = "fp32") -> float | None:
         return peak if peak is None or precision == "bf16" else peak / 2  # TF32 runs at half the bf16 rate
     if device.type == "cpu": return torch.get_num_threads() * CPU_PEAK_PER_THREAD[precision]
     return None
+
+# %% ../nbs/00a_hardware.ipynb #d341de87
+def bf16_native(device: torch.device | str) -> bool:
+    "Whether `device` computes bf16 matrix products natively: a CUDA GPU with bf16, or a CPU with AMX or AVX-512 BF16."
+    device = torch.device(device)
+    if device.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":  # torch.cpu's private probes of the CPU's instruction sets (absent: assume no)
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False

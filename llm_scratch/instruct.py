@@ -28,11 +28,12 @@ from .generate import generate
 from .hardware import decode_layout
 
 # %% auto #0
-__all__ = ['INSTRUCTION_KEYS', 'PREAMBLE', 'RESPONSE_HEADER', 'EOT', 'validate_records', 'load_instructions', 'format_prompt',
-           'format_response', 'Split', 'split_records', 'InstructionDataset', 'collate_naive', 'collate_instructions',
-           'instruction_dataloader', 'extract_response', 'generate_responses', 'save_responses', 'load_responses',
-           'normalize_answer', 'exact_match', 'token_f1', 'lcs_naive', 'lcs_length', 'rouge_tokens', 'rouge_l',
-           'evaluate_responses', 'Judge', 'score_responses', 'JudgeError', 'judge_prompt', 'parse_score', 'OllamaJudge']
+__all__ = ['INSTRUCTION_KEYS', 'PREAMBLE', 'RESPONSE_HEADER', 'CHAT_TEMPLATE', 'EOT', 'validate_records', 'load_instructions',
+           'format_prompt', 'format_response', 'Split', 'split_records', 'InstructionDataset', 'collate_naive',
+           'collate_instructions', 'instruction_dataloader', 'extract_response', 'generate_responses', 'save_responses',
+           'load_responses', 'normalize_answer', 'exact_match', 'token_f1', 'lcs_naive', 'lcs_length', 'rouge_tokens',
+           'rouge_l', 'evaluate_responses', 'Judge', 'score_responses', 'JudgeError', 'judge_prompt', 'parse_score',
+           'OllamaJudge']
 
 # %% ../nbs/10_instruct.ipynb #c9b29071
 INSTRUCTION_KEYS = ("instruction", "input", "output")
@@ -72,6 +73,11 @@ def format_prompt(record: dict) -> str:
 def format_response(record: dict) -> str:
     "The part the model learns to write after the prompt: the response header and the output."
     return f"\n\n{RESPONSE_HEADER}\n{record['output']}"
+
+# The prompt above for the last user message of a chat, as a Jinja template in Hugging Face's `chat_template` form:
+# an instruction-tuned model's folder carries it, so that `llm_scratch_generate --chat` and `apply_chat_template` use it.
+CHAT_TEMPLATE = ("{% for m in messages if m['role'] == 'user' %}{% if loop.last %}" + PREAMBLE
+                 + "\n\n### Instruction:\n{{ m['content'] }}\n\n" + RESPONSE_HEADER + "\n{% endif %}{% endfor %}")
 
 # %% ../nbs/10_instruct.ipynb #1a4c0d38
 class Split(NamedTuple):

@@ -25,18 +25,22 @@ from torch.distributed.tensor import DTensor
 from .data import DATASETS, FetchError, write_atomic
 from .tokens import RunError, WindowSampler, load_tokens, token_file
 from .model import PRESETS, GPTConfig, GPTModel, num_params
+from .generate import load_for_generation
+from .text import CharTokenizer
+from .weights import CheckpointError
 from .pretrain import calc_loss_batch, warmup_cosine
-from .hardware import MALLOC_TIP, peak_flops, tune_malloc
+from .hardware import MALLOC_TIP, bf16_native, peak_flops, tune_malloc
 from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
 from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
-__all__ = ['LoopConfig', 'TrainConfig', 'add_options', 'build_parser', 'read_toml', 'config_from', 'parse_args', 'make_optimizer',
-           'autocast', 'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'model_config', 'run_command',
-           'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run', 'resume_point', 'start_run',
-           'save_run', 'finish_run', 'Diverged', 'fit', 'train', 'main']
+__all__ = ['SHAPE_OPTIONS', 'LoopConfig', 'TrainConfig', 'model_config', 'settle_precision', 'add_options', 'build_parser',
+           'read_toml', 'launcher_settings', 'config_from', 'parse_args', 'make_optimizer', 'autocast', 'validate',
+           'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'run_command', 'check_out_folder', 'check_out', 'Run',
+           'start_folder', 'launch_run', 'resume_point', 'initial_weights', 'start_run', 'save_run', 'finish_run',
+           'Diverged', 'fit', 'train', 'run_report', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
@@ -60,7 +64,8 @@ class LoopConfig:
     log_every: int = _opt(10, "write a metrics line every this many steps")
     out: str = _opt("runs/train", "output folder: metrics.jsonl, loss.png, checkpoints/, final/")
     resume: bool = _opt(False, "continue from the newest intact checkpoint in --out (start afresh if --out is empty)")
-    precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU)", choices=["fp32", "bf16"])
+    precision: str = _opt("auto", "auto (bf16 where the device computes it natively, else fp32), fp32, or bf16 "
+                          "autocast; config.json records the choice", choices=["auto", "fp32", "bf16"])
     strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N) or tp (tensor "
                          "parallel: all processes read the same batch, each holds 1/N of every block)",
                          choices=["ddp", "fsdp", "tp"])
@@ -100,27 +105,54 @@ class LoopConfig:
         if not 0 <= self.seed < 2**63: raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         if not self.out.strip(): raise ValueError("out must name a folder, got an empty string")
 
+SHAPE_OPTIONS = {"n_layers": "n_layers", "n_heads": "n_heads", "emb_dim": "emb_dim", "context_length": "context_length",
+                 "dropout": "drop_rate", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights"}  # option: GPTConfig field
+
 @dataclass
 class TrainConfig(LoopConfig):
     "Everything a pretraining run needs to know; `python -m llm_scratch.train --help` lists the same."
-    model: str = _opt("tiny", "model preset", choices=list(PRESETS))
+    model: str = _opt("tiny", "model preset; the shape options below change it", choices=list(PRESETS))
+    n_layers: int | None = _opt(None, "transformer blocks (default: the preset's)", type=int, min=1)
+    n_heads: int | None = _opt(None, "attention heads per block, a divisor of the width (default: the preset's)",
+                               type=int, min=1)
+    emb_dim: int | None = _opt(None, "width of the token vectors (default: the preset's)", type=int, min=1)
     data: str = _opt("the-verdict", f"a dataset name ({', '.join(DATASETS)}) or a UTF-8 text file")
     tokenizer: str = _opt("gpt2", "gpt2 (tiktoken's GPT-2 BPE) or char (one token per character)",
                           choices=["gpt2", "char"])
     context_length: int | None = _opt(None, "tokens per window (default: the preset's)", type=int, min=1)
     dropout: float | None = _opt(None, "dropout rate (default: the preset's)", type=float)
+    qkv_bias: bool | None = _opt(None, "a bias in the query/key/value projection (default: the preset's)", type=bool)
+    tie_weights: bool | None = _opt(None, "the output head shares the token embedding (default: the preset's)",
+                                    type=bool)
+    init: str | None = _opt(None, "start from trained weights, not random ones: a GPT-2 name (gpt2-small, ...), a "
+                            "Hugging Face GPT-2 folder or a run folder; its shape and tokenizer come with it", type=str)
     eval_batches: int = _opt(4, "validation batches per process", min=1)
     val_fraction: float = _opt(0.1, "the last fraction of the tokens, held out for validation")
     allow_data_change: bool = _opt(False, "resume even if the data file changed since the checkpoint")
 
-    RESUME_KEYS: ClassVar[tuple] = LoopConfig.RESUME_KEYS + ("model", "data", "tokenizer", "context_length", "dropout",
-                                                             "val_fraction")
+    RESUME_KEYS: ClassVar[tuple] = LoopConfig.RESUME_KEYS + ("model", "data", "tokenizer", "val_fraction", "init",
+                                                             *SHAPE_OPTIONS)
 
     def __post_init__(self):
         super().__post_init__()
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.init is not None and (given := [o for o in SHAPE_OPTIONS if o != "dropout" and getattr(self, o) is not None]):
+            raise ValueError(f"--init brings its model's shape; drop {', '.join('--' + o.replace('_', '-') for o in given)}")
+        try: model_config(self, 1)  # the shape is checked now, before anything runs (the vocabulary comes later)
+        except ValueError as e: raise ValueError(f"the model shape ({self.model} with the shape options): {e}") from None
+
+# %% ../nbs/07_train.ipynb #d59f8b04
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    "The `GPTConfig` of a run: the preset, with the tokenizer's vocabulary and the shape options given."
+    over = {field: getattr(cfg, opt) for opt, field in SHAPE_OPTIONS.items() if getattr(cfg, opt) is not None}
+    return GPTConfig.from_preset(cfg.model, vocab_size=vocab_size, **over)
+
+def settle_precision(cfg: LoopConfig, device: torch.device) -> LoopConfig:
+    "`cfg` with `precision='auto'` made concrete: bf16 where `device` computes it natively (`bf16_native`), else fp32."
+    if cfg.precision != "auto": return cfg
+    return dataclasses.replace(cfg, precision="bf16" if bf16_native(device) else "fp32")
 
 # %% ../nbs/07_train.ipynb #064e2dfc
 def add_options(p: argparse.ArgumentParser, cls: type = None) -> argparse.ArgumentParser:
@@ -128,7 +160,7 @@ def add_options(p: argparse.ArgumentParser, cls: type = None) -> argparse.Argume
     p.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (the command line wins)")
     for f in dataclasses.fields(cls or TrainConfig):
         flag, kw = "--" + f.name.replace("_", "-"), {"help": f"{f.metadata['help']} (default: {f.default})"}
-        if isinstance(f.default, bool): kw["action"] = argparse.BooleanOptionalAction
+        if isinstance(f.default, bool) or f.metadata.get("type") is bool: kw["action"] = argparse.BooleanOptionalAction
         else: kw["type"] = f.metadata.get("type", type(f.default))
         if "choices" in f.metadata: kw["choices"] = f.metadata["choices"]
         p.add_argument(flag, **kw)
@@ -155,11 +187,35 @@ def read_toml(path: str | os.PathLike, cls: type = None) -> dict:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return values
 
+def _on(env: dict, name: str) -> bool: return env.get(name, "").lower() in ("1", "true", "yes")
+
+def launcher_settings(values: dict, env: dict = os.environ) -> dict:
+    "`values` with the settings of `accelerate launch`/`accelerate config` that map onto ours; ValueError for the rest."
+    values = dict(values)
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed not in ("no", "bf16"):
+        raise ValueError(f"accelerate asks for {mixed} mixed precision, which this trainer does not implement: choose "
+                         "bf16 or no in `accelerate config` (or --mixed_precision), or leave it and use --precision")
+    if mixed == "bf16":  # chosen in the accelerate config or on its command line: honoured, or a clear conflict
+        if values.get("precision", "auto") not in ("auto", "bf16"):
+            raise ValueError(f"accelerate asks for bf16 mixed precision but --precision is {values['precision']}; "
+                             "drop one of the two")
+        values["precision"] = "bf16"
+    if _on(env, "ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError("accelerate is configured for DeepSpeed, which this trainer does not use: choose multi-GPU, "
+                         "multi-CPU or FSDP in `accelerate config`; --strategy fsdp shards like ZeRO stage 3")
+    if _on(env, "ACCELERATE_USE_FSDP"):
+        if values.get("strategy", "fsdp") != "fsdp":
+            raise ValueError(f"accelerate is configured for FSDP but --strategy is {values['strategy']}; use "
+                             "--strategy fsdp, or a multi-GPU / multi-CPU accelerate config")
+        values["strategy"] = "fsdp"
+    return values
+
 def config_from(p: argparse.ArgumentParser, cls: type, given: dict):
-    "A `cls` from the options `given` on the command line and the `--config` file they name; `p` reports a bad value."
+    "A `cls` from the options `given` on the command line, the `--config` file they name and the launcher's settings."
     try:
         values = read_toml(given.pop("config"), cls) if "config" in given else {}
-        return cls(**{**values, **given})
+        return cls(**launcher_settings({**values, **given}))
     except (ValueError, OSError) as e: p.error(str(e))
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -270,14 +326,6 @@ def train_step(model, optimizer, task: Task, step: int, lr: float, precision: st
     optimizer.step()
     return loss_sum / share, norm
 
-# %% ../nbs/07_train.ipynb #d59f8b04
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    "The `GPTConfig` of a run: the preset, with the tokenizer's vocabulary and any overrides."
-    over = {"vocab_size": vocab_size}
-    if cfg.context_length is not None: over["context_length"] = cfg.context_length
-    if cfg.dropout is not None: over["drop_rate"] = cfg.dropout
-    return GPTConfig.from_preset(cfg.model, **over)
-
 # %% ../nbs/07_train.ipynb #08f8a1cc
 def run_command(out: Path) -> str | None:
     "The command whose run folder `out` is (from its config.json), or None."
@@ -349,6 +397,8 @@ class Run:
     @property
     def out(self) -> Path: return Path(self.cfg.out)
 
+    def __post_init__(self): self.cfg = settle_precision(self.cfg, self.acc.device)  # "auto" is decided here at the latest
+
 def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
     "Make the run folder (process 0): config.json, and metrics.jsonl emptied, or cut at `resume_step`; all stop if it fails."
     err = None
@@ -387,8 +437,22 @@ def resume_point(cfg: LoopConfig, acc, global_batch: int) -> Path | None:
     acc.wait_for_everyone()  # every process has looked at the folder before process 0 changes it
     return ckpt
 
+def initial_weights(cfg: TrainConfig) -> tuple[GPTModel, object]:
+    "The model and tokenizer that `--init` names: a GPT-2 checkpoint, a Hugging Face GPT-2 folder or an earlier run."
+    try: model, tokenizer, _ = load_for_generation(cfg.init)
+    except (FileNotFoundError, CheckpointError) as e: raise RunError(f"--init {cfg.init}: {e}") from None
+    if cfg.dropout is not None:  # the one shape option --init leaves open
+        fresh = GPTModel(model.cfg.replace(drop_rate=cfg.dropout))
+        fresh.load_state_dict(model.state_dict())
+        model = fresh
+    return model.train(), tokenizer
+
 def start_run(cfg: TrainConfig, acc) -> Run:
     "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
+    cfg = settle_precision(cfg, acc.device)  # before the resume check: config.json holds the concrete choice
+    init, init_tokenizer = initial_weights(cfg) if cfg.init else (None, None)
+    if init is not None:  # the checkpoint's tokenizer, whatever --tokenizer said
+        cfg = dataclasses.replace(cfg, tokenizer="char" if isinstance(init_tokenizer, CharTokenizer) else "gpt2")
     world, rank = acc.num_processes, acc.process_index
     if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
     ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * (1 if cfg.strategy == "tp" else world))
@@ -398,7 +462,11 @@ def start_run(cfg: TrainConfig, acc) -> Run:
         if was != meta["sha256"] and not cfg.allow_data_change:
             raise RunError(f"the data changed since {ckpt}: {cfg.data} has SHA-256 {meta['sha256']}, the run trained "
                            f"on {was}. Restore the file, start a new --out, or pass --allow-data-change")
-    mcfg = model_config(cfg, meta["vocab_size"])
+    if isinstance(init_tokenizer, CharTokenizer) and "".join(init_tokenizer.chars) != meta["chars"]:
+        raise RunError(f"--init {cfg.init} reads {len(init_tokenizer.chars)} characters, and {cfg.data} has "
+                       f"{len(meta['chars'])} others ({meta['chars'][:40]!r}...): a character model continues only on "
+                       "text with its own characters; train a new model on this text instead")
+    mcfg = init.cfg if init is not None else model_config(cfg, meta["vocab_size"])
     ctx = mcfg.context_length
     if cfg.strategy == "tp" and world > 1 and mcfg.n_heads % world:
         raise RunError(f"--strategy tp splits the {mcfg.n_heads} attention heads of {cfg.model} across processes; "
@@ -411,13 +479,14 @@ def start_run(cfg: TrainConfig, acc) -> Run:
     val = WindowSampler(val_tokens, ctx, cfg.batch_size, dp_world, dp_rank, 1, cfg.seed, stream=1, strict=False)
     task = Pretraining(sampler, val, cfg.eval_batches, acc.device, cfg.precision, acc, flops_per_token(mcfg))
     _seed_all(cfg.seed)  # the same initial weights in every process
-    model = GPTModel(mcfg)
+    model = init if init is not None else GPTModel(mcfg)
     record = {"model_config": dataclasses.asdict(mcfg), "parameters": num_params(model),
               "data": {k: meta[k] for k in ("sha256", "n_tokens", "tokenizer", "chars") if k in meta}}
     run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps, dp_rank)
     if acc.is_main_process:
         print(f"{cfg.model}: {record['parameters']:,} parameters, {world} process(es), {cfg.strategy}, {acc.device}; "
-              f"{len(train_tokens):,} training tokens; " + (f"resuming at step {run.step}" if ckpt else "from scratch"))
+              f"{len(train_tokens):,} training tokens; " +
+              (f"resuming at step {run.step}" if ckpt else f"starting from {cfg.init}" if cfg.init else "from scratch"))
     return run
 
 # %% ../nbs/07_train.ipynb #30d6d57a
@@ -446,17 +515,19 @@ def finish_run(run: Run, speeds: list[float]) -> dict | None:
     ranks = gather_object([held]) if world > 1 else [held]
     final = full_model(run.model, GPTConfig(**run.record["model_config"]), acc)  # every process takes part
     if not acc.is_main_process: return None
-    from llm_scratch.weights import save_gpt2
+    from llm_scratch.weights import save_gpt2, save_tokenizer
     save_gpt2(final, out / "final")
     data = run.record["data"]
-    (out / "final" / "tokenizer.json").write_text(json.dumps({k: data[k] for k in ("tokenizer", "chars") if k in data}))
+    save_tokenizer(out / "final", data["tokenizer"], data.get("chars"), final.cfg.context_length)  # a complete HF folder
     rows = read_metrics(out)
     procs = "1 process" if world == 1 else f"{world} processes, {run.cfg.strategy}"
     plot_metrics(rows, out / "loss.png", f"{run.cfg.model} on {Path(run.cfg.data).name}, {procs}")
-    summary = {"world_size": world, "strategy": run.cfg.strategy, "steps": run.step,
+    vals, mfus = [r["val_loss"] for r in rows if r.get("val_loss") is not None], [r["mfu"] for r in rows if r.get("mfu")]
+    summary = {"world_size": world, "strategy": run.cfg.strategy, "precision": run.cfg.precision, "steps": run.step,
                "tokens_seen": run.task.position(run.step)["tokens"], "parameters": run.record["parameters"],
-               "final_loss": rows[-1]["loss"] if rows else None,
-               "tokens_per_s": float(np.median(speeds[1:] or speeds)) if speeds else None, "ranks": ranks}
+               "final_loss": rows[-1]["loss"] if rows else None, "final_val_loss": vals[-1] if vals else None,
+               "tokens_per_s": float(np.median(speeds[1:] or speeds)) if speeds else None,
+               "mfu": float(np.median(mfus)) if mfus else None, "final": str(out / "final"), "ranks": ranks}
     (out / "run.json").write_text(json.dumps(summary, indent=1))
     if run.cfg.strategy == "ddp" and len({r["fingerprint"] for r in ranks}) > 1:
         raise RuntimeError(f"the DDP replicas diverged: parameter fingerprints {[r['fingerprint'] for r in ranks]}")
@@ -528,14 +599,25 @@ def train(cfg: TrainConfig) -> dict | None:
         reset_accelerate()  # so that a notebook can launch again
 
 # %% ../nbs/07_train.ipynb #c8fcbb74
+def run_report(summary: dict) -> str:
+    "What a finished run says at the end: its losses, speed, where the model is, and how to generate from it."
+    num = lambda v, f: "n/a" if v is None else f.format(v)
+    procs = "1 process" if summary["world_size"] == 1 else f"{summary['world_size']} processes ({summary['strategy']})"
+    return (f"done: {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens on {procs}, {summary['precision']}\n"
+            f"  loss {num(summary['final_loss'], '{:.3f}')} (training), {num(summary['final_val_loss'], '{:.3f}')} "
+            f"(validation); {num(summary['tokens_per_s'], '{:,.0f}')} tokens/s; MFU {num(summary['mfu'], '{:.1%}')}\n"
+            f"  model: {summary['final']} (Hugging Face layout)\n"
+            f"  generate: llm_scratch_generate --model {summary['final']} \"Once upon a time\"")
+
 def main(argv: Sequence[str] | None = None) -> int:
-    "The `llm_scratch_train` command: parse the options, train, return the exit status."
+    "The `llm_scratch_train` command: parse the options, train, print a summary, return the exit status."
     cfg = parse_args(argv)
     if "MALLOC_MMAP_MAX_" not in os.environ: tune_malloc()  # a setting in the environment wins
-    try: train(cfg)
+    try: summary = train(cfg)
     except (RunError, FetchError, FileNotFoundError) as e:
         if int(os.environ.get("RANK", "0")) == 0: print(f"llm_scratch_train: error: {e}", file=sys.stderr)
         return 2
+    if summary is not None: print(run_report(summary))  # process 0
     return 0
 
 # %% ../nbs/07_train.ipynb #10732c79

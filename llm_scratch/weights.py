@@ -8,20 +8,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import fetch_file, FetchError, RemoteFile, write_atomic
+from .data import fetch, fetch_file, FetchError, RemoteFile, write_atomic
 from .model import PRESETS, GPTConfig, GPTModel
-from .text import EOT_ID
+from .text import EOT_ID, CharTokenizer, gpt2_tokenizer
 
 # %% auto #0
-__all__ = ['GPT2_CHECKPOINTS', 'hf_name', 'is_conv1d', 'CheckpointError', 'gpt_state_dict', 'hf_state_dict', 'config_from_hf',
-           'read_hf_config', 'config_to_hf', 'Checkpoint', 'fetch_checkpoint', 'load_gpt2', 'save_gpt2',
-           'pretrained_gpt2']
+__all__ = ['GPT2_CHECKPOINTS', 'CHAR_TOKENIZER_FILE', 'hf_name', 'is_conv1d', 'CheckpointError', 'gpt_state_dict',
+           'hf_state_dict', 'config_from_hf', 'read_hf_config', 'config_to_hf', 'Checkpoint', 'fetch_checkpoint',
+           'load_gpt2', 'save_gpt2', 'save_tokenizer', 'load_tokenizer', 'pretrained_gpt2']
 
 # %% ../nbs/04_weights.ipynb #a5065c00
 _RENAMES = [("tok_emb.", "wte."), ("pos_emb.", "wpe."), ("final_norm.", "ln_f."), ("blocks.", "h."),
@@ -119,7 +120,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
          "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": cfg.drop_rate,
          "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate, "layer_norm_epsilon": cfg.ln_eps,
          "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": cfg.tie_weights,
-         "use_cache": True}
+         "n_ctx": cfg.context_length, "use_cache": True}
     if cfg.vocab_size > EOT_ID: d.update(bos_token_id=EOT_ID, eos_token_id=EOT_ID)  # <|endoftext|>
     return d
 
@@ -200,6 +201,45 @@ def save_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     write_atomic(d / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     write_atomic(d / "config.json", lambda p: p.write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n"))
     return d
+
+# %% ../nbs/04_weights.ipynb #bdf07044
+def save_tokenizer(directory: str | os.PathLike, tokenizer: str = "gpt2", chars: str | None = None,
+                   context_length: int | None = None, chat_template: str | None = None) -> Path:
+    "Write a model folder's tokenizer files: GPT-2's `vocab.json` + `merges.txt` with their configs, or a character vocabulary."
+    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    put = lambda name, obj: write_atomic(d / name, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    if tokenizer == "char":  # no Hugging Face class reads this; our own name, so that nothing mistakes it for theirs
+        if not chars: raise ValueError("a character tokenizer needs its characters")
+        return put(CHAR_TOKENIZER_FILE, {"type": "char", "chars": "".join(sorted(set(chars)))}).parent
+    if tokenizer != "gpt2": raise ValueError(f"tokenizer must be gpt2 or char, got {tokenizer!r}")
+    src = fetch("gpt2-vocab")  # OpenAI's files are the Hugging Face ones under other names
+    write_atomic(d / "vocab.json", lambda p: shutil.copyfile(src / "encoder.json", p))
+    write_atomic(d / "merges.txt", lambda p: shutil.copyfile(src / "vocab.bpe", p))
+    eot = "<|endoftext|>"
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+              "add_prefix_space": False, "clean_up_tokenization_spaces": False,  # decode the text exactly as we do
+              "model_max_length": context_length or 1024}
+    if chat_template: config["chat_template"] = chat_template
+    put("tokenizer_config.json", config)
+    put("generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+    return d
+
+CHAR_TOKENIZER_FILE = "llm_scratch_tokenizer.json"
+
+def load_tokenizer(directory: str | os.PathLike):
+    "The tokenizer of a model folder that `save_tokenizer` (or Hugging Face, for GPT-2's vocabulary) wrote."
+    d = Path(directory)
+    if (d / CHAR_TOKENIZER_FILE).is_file(): return CharTokenizer(json.loads((d / CHAR_TOKENIZER_FILE).read_text())["chars"])
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        gpt2 = fetch("gpt2-vocab")
+        if (json.loads((d / "vocab.json").read_text()) != json.loads((gpt2 / "encoder.json").read_text())
+                or (d / "merges.txt").read_text().split() != (gpt2 / "vocab.bpe").read_text().split()):
+            raise CheckpointError(f"{d} holds a BPE vocabulary other than GPT-2's, which this package cannot read")
+        return gpt2_tokenizer()
+    legacy = d / "tokenizer.json"  # runs written before the folder was complete: {"tokenizer": "gpt2" | "char", ...}
+    if legacy.is_file() and (old := json.loads(legacy.read_text())).get("tokenizer") in ("gpt2", "char"):
+        return gpt2_tokenizer() if old["tokenizer"] == "gpt2" else CharTokenizer(old["chars"])
+    raise CheckpointError(f"{d} has no tokenizer files (vocab.json + merges.txt, or {CHAR_TOKENIZER_FILE})")
 
 # %% ../nbs/04_weights.ipynb #02de636a
 def pretrained_gpt2(name: str = "gpt2-small", **kwargs) -> GPTModel | None:

@@ -12,7 +12,8 @@ from llm_scratch.metrics import read_metrics
 
 from conftest import kill_tree, launch_command
 
-BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress"]
+# float32: the process layouts are compared to 1e-4 (in bf16 autocast, the default on a CPU with AMX, they agree to ~2e-4)
+BASE = ["--init", "scratch:tiny", "--epochs", "1", "--lr", "1e-3", "--eval-every", "3", "--no-progress", "--precision", "fp32"]
 
 
 def run(env, args, nproc=1, check=True):
@@ -46,6 +47,27 @@ def test_two_processes_take_the_steps_of_one(env, tmp_path, task, extra):
     for k in ("val_loss", "test_accuracy", "train_accuracy"):
         if k in r1: assert abs(r1[k] - r2[k]) < 1e-4, (k, r1[k], r2[k])
     assert (tmp_path / "two" / "loss.png").stat().st_size > 1000
+    if task == "instruct": chat_answers_in_the_trained_format(tmp_path / "one")
+
+
+def chat_answers_in_the_trained_format(run_folder):
+    "`llm_scratch_generate --chat` on an instruction-tuned run: each line's answer is `generate`'s for the Alpaca prompt."
+    import io
+    from llm_scratch.generate import generate, main
+    from llm_scratch.instruct import format_prompt, format_response
+    from llm_scratch.text import EOT_ID, gpt2_tokenizer
+    from llm_scratch.weights import load_gpt2
+    assert "chat_template" in json.loads((run_folder / "final" / "tokenizer_config.json").read_text())
+    shown, asked = io.StringIO(), ["Name a primary colour.", "Say hello."]
+    assert main(["--model", str(run_folder), "--chat", "--temperature", "0", "--max-new-tokens", "6"],
+                stdin=io.StringIO("\n".join(asked) + "\n"), stdout=shown) == 0
+    model, tok, expected = load_gpt2(run_folder / "final"), gpt2_tokenizer(), ""
+    for q in asked:
+        prompt = format_prompt({"instruction": q, "input": ""}) + format_response({"output": ""})
+        ids = torch.tensor([tok.encode(prompt)])
+        new = generate(model, ids, 6, eos_id=EOT_ID)[0, ids.shape[1]:].tolist()
+        expected += tok.decode(new[:new.index(EOT_ID)] if EOT_ID in new else new) + "\n"
+    assert shown.getvalue() == expected
 
 
 def test_lora_classifier_trains_few_parameters_and_saves_a_plain_model(env, tmp_path):

@@ -90,7 +90,7 @@ def test_launch_reports_the_failing_rank():
 # the trainer, as tests/test_train.py runs it
 BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "--lr", "1e-3", "--warmup", "2",
         "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--dropout", "0",
-        "--batch-size", "4", "--max-steps", "6", "--save-every", "3"]
+        "--batch-size", "4", "--max-steps", "6", "--save-every", "3", "--precision", "fp32"]
 
 
 def train(env, args, nproc=1):

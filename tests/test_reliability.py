@@ -34,7 +34,8 @@ def cache(tmp_path_factory, monkeypatch):
 def cfg(out, **kw) -> TrainConfig:
     "A tiny run: 12 steps of 2 windows of 32 tokens, a checkpoint every 4 steps, all three kept."
     base = dict(model="tiny", data="the-verdict", context_length=32, batch_size=2, max_steps=12, save_every=4,
-                keep=3, eval_every=6, eval_batches=1, log_every=1, warmup=2, lr=1e-3, out=str(out), progress=False)
+                keep=3, eval_every=6, eval_batches=1, log_every=1, warmup=2, lr=1e-3, out=str(out), progress=False,
+                precision="fp32")  # float32: layouts of the same global batch are compared to 1e-5
     return TrainConfig(**{**base, **kw})
 
 

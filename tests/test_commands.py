@@ -1,0 +1,133 @@
+"""The practitioner's commands end to end: a model of any shape, `--precision auto`, what `accelerate launch` was told,
+the summary a run ends with, `final/` as a complete Hugging Face folder that `transformers.pipeline` reads, and
+`llm_scratch_generate` (prompt from the command line, a file or stdin; streaming; errors; `--chat`)."""
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llm_scratch.generate import main as generate_main
+from llm_scratch.hardware import bf16_native
+
+NANO = ["--model", "tiny", "--data", "the-verdict", "--n-layers", "2", "--n-heads", "2", "--emb-dim", "64",
+        "--context-length", "32", "--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--log-every", "1",
+        "--lr", "3e-3", "--warmup", "1", "--no-progress"]
+
+
+def train(env, args, launcher=(), check=True):
+    p = subprocess.run([*(launcher or [sys.executable]), "-m", "llm_scratch.train", *args], env=env,
+                       capture_output=True, text=True, timeout=600)
+    if check: assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def nano(env, tmp_path_factory):
+    "A GPT-2-vocabulary run of a shape no preset has: (run folder, what the command printed)."
+    out = tmp_path_factory.mktemp("runs") / "nano"
+    return out, train(env, [*NANO, "--out", str(out)]).stdout
+
+
+def generated(argv, stdin=""):
+    shown = io.StringIO()
+    rc = generate_main(argv, stdin=io.StringIO(stdin), stdout=shown)
+    return rc, shown.getvalue()
+
+
+def test_any_shape_and_the_precision_chosen_are_recorded(nano):
+    out, _ = nano
+    assert json.loads((out / "config.json").read_text())["precision"] == ("bf16" if bf16_native("cpu") else "fp32")
+    hf = json.loads((out / "final" / "config.json").read_text())
+    assert (hf["n_layer"], hf["n_head"], hf["n_embd"], hf["n_positions"], hf["n_ctx"]) == (2, 2, 64, 32, 32)
+
+
+def test_a_run_ends_with_a_summary(nano):
+    out, printed = nano
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["steps"] == 6 and summary["final_val_loss"] is not None and summary["mfu"] > 0
+    assert f"done: 6 steps, {summary['tokens_seen']:,} tokens on 1 process" in printed
+    assert f"{summary['final_val_loss']:.3f} (validation)" in printed
+    assert f"llm_scratch_generate --model {out / 'final'}" in printed
+
+
+def test_final_is_a_hugging_face_folder_that_generates_our_tokens(nano):
+    transformers = pytest.importorskip("transformers")
+    out, _ = nano
+    rc, ours = generated(["--model", str(out), "--temperature", "0", "--max-new-tokens", "24", "I had always"])
+    assert rc == 0
+    pipe = transformers.pipeline("text-generation", model=str(out / "final"), device="cpu")
+    theirs = pipe("I had always", max_new_tokens=24, do_sample=False)[0]["generated_text"]
+    assert ours == theirs + "\n"
+
+
+def test_the_prompt_comes_from_an_argument_a_file_or_stdin(nano, tmp_path):
+    out, _ = nano
+    greedy = ["--model", str(out), "--temperature", "0", "--max-new-tokens", "8"]
+    (tmp_path / "prompt.txt").write_text("I had always")
+    results = [generated([*greedy, "I had always"]), generated([*greedy, "--file", str(tmp_path / "prompt.txt")]),
+               generated(greedy, stdin="I had always"), generated([*greedy, "-"], stdin="I had always")]
+    assert all(r == results[0] for r in results) and results[0][1].startswith("I had always")
+    sampled = [generated(["--model", str(out), "--max-new-tokens", "8", "--seed", str(s), "I"])[1] for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same text
+
+
+def test_generate_errors_say_what_to_do(nano, tmp_path, capsys):
+    out, _ = nano
+    for argv, message in [(["--model", str(tmp_path / "missing"), "hi"], "not a GPT-2 name"),
+                          (["--model", str(out), "--temperature", "-1", "hi"], "temperature"),
+                          (["--model", str(out), ""], "the prompt is empty"),
+                          (["--model", str(out), "--chat"], "has no chat template")]:
+        with pytest.raises(SystemExit) as e: generated(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_character_model_streams_its_characters(env, tmp_path):
+    out = tmp_path / "chars"
+    train(env, [*NANO, "--tokenizer", "char", "--max-steps", "2", "--out", str(out)])
+    assert (out / "final" / "llm_scratch_tokenizer.json").is_file() and not (out / "final" / "tokenizer.json").exists()
+    rc, text = generated(["--model", str(out), "--max-new-tokens", "30", "I had"])
+    assert rc == 0 and text.startswith("I had") and len(text) == len("I had") + 30 + 1  # one character per token
+
+
+def test_what_accelerate_was_told_is_honoured_or_refused(env, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--dynamo_backend", "no"]
+    train(env, [*NANO, "--max-steps", "2", "--out", str(tmp_path / "bf16")], [*launch, "--mixed_precision", "bf16"])
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
+    p = train(env, [*NANO, "--out", str(tmp_path / "fp16")], [*launch, "--mixed_precision", "fp16"], check=False)
+    assert p.returncode != 0 and "fp16 mixed precision" in p.stderr and not (tmp_path / "fp16").exists()
+    p = train(env, [*NANO, "--precision", "fp32", "--out", str(tmp_path / "both")],
+              [*launch, "--mixed_precision", "bf16"], check=False)
+    assert p.returncode != 0 and "drop one of the two" in p.stderr  # (accelerate reports our exit status 2 as 1)
+
+
+def test_bad_shapes_are_refused_before_anything_runs(env, tmp_path):
+    for args, message in [(["--emb-dim", "100", "--n-heads", "3"], "not divisible by n_heads=3"),
+                          (["--n-layers", "0"], "n_layers must be at least 1")]:
+        p = train(env, ["--out", str(tmp_path / "bad"), *args], check=False)
+        assert p.returncode == 2 and message in p.stderr and not (tmp_path / "bad").exists()
+
+
+def test_init_continues_from_a_run_with_its_shape_and_tokenizer(env, nano, tmp_path):
+    from llm_scratch.metrics import read_metrics
+    first, _ = nano
+    out = tmp_path / "more"
+    train(env, ["--init", str(first), "--data", "the-verdict", "--max-steps", "2", "--log-every", "1", "--no-progress",
+                "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["init"] == str(first)
+    assert json.loads((out / "final" / "config.json").read_text()) == json.loads((first / "final" / "config.json").read_text())
+    (scratch, *_, ended), started = read_metrics(first), read_metrics(out)[0]
+    assert abs(started["loss"] - ended["loss"]) < 0.5 < scratch["loss"] - started["loss"], (scratch, ended, started)
+    p = train(env, ["--init", str(first), "--n-layers", "3", "--out", str(tmp_path / "bad")], check=False)
+    assert p.returncode == 2 and "--init brings its model's shape; drop --n-layers" in p.stderr
+
+
+def test_init_of_a_character_model_needs_its_characters(env, tmp_path):
+    chars = tmp_path / "chars"
+    train(env, [*NANO, "--tokenizer", "char", "--max-steps", "1", "--out", str(chars)])
+    (tmp_path / "other.txt").write_text("xyz " * 500)
+    p = train(env, ["--init", str(chars), "--data", str(tmp_path / "other.txt"), "--out", str(tmp_path / "o")],
+              check=False)
+    assert p.returncode == 2 and "a character model continues only on text with its own characters" in p.stderr
