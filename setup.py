@@ -20,12 +20,10 @@ setuptools.setup(
     description=cfg["description"],
     long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
     long_description_content_type="text/markdown",
-    author=cfg["author"],
-    author_email=cfg["author_email"],
+    author=cfg["author"],  # no e-mail and no URLs: the project has none yet (settings.ini's are nbdev placeholders)
     license="Apache-2.0",
+    license_files=["LICENSE"],
     keywords=cfg["keywords"].split(),
-    url=cfg["doc_host"],
-    project_urls={"Documentation": cfg["doc_host"]},
     classifiers=[
         "Development Status :: 3 - Alpha",
         "Intended Audience :: Education",

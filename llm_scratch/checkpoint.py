@@ -13,6 +13,9 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .hardware import require_torch
+require_torch()  # HuggingFaceStorageWriter below needs torch 2.9
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -13,6 +13,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from .hardware import require_torch
+require_torch()  # before the imports below, which need a recent torch: a clear message instead of an ImportError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -36,11 +39,12 @@ def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
             "optimizer": n_params * optim_bytes * share}
 
 # %% ../nbs/06c_distributed.ipynb #16d388f3
-def make_accelerator():
+def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = None):
     "The `Accelerator` of this process: it joins the process group a launcher set up, on GPU or CPU."
     from accelerate import Accelerator
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return Accelerator(cpu=cpu, mixed_precision="no")  # mixed precision: our torch.autocast, see `--precision`
+    return Accelerator(cpu=cpu, mixed_precision="no",  # mixed precision: our torch.autocast, see `--precision`
+                       log_with=None if report_to == "none" else report_to, project_dir=out)  # experiment tracking
 
 def wrap_model(model: GPTModel, strategy: str, accelerator) -> torch.nn.Module:
     "`model` on this process's device, wrapped for `strategy` when there are several processes."

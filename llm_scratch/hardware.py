@@ -13,8 +13,8 @@ import os
 import torch
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'GPU_PEAK_BF16', 'CPU_PEAK_PER_THREAD', 'sdpa_pays', 'decode_layout', 'tune_malloc', 'malloc_tuned',
-           'peak_flops', 'bf16_native']
+__all__ = ['MALLOC_TIP', 'GPU_PEAK_BF16', 'CPU_PEAK_PER_THREAD', 'TORCH_MIN', 'sdpa_pays', 'decode_layout', 'tune_malloc',
+           'malloc_tuned', 'peak_flops', 'bf16_native', 'require_torch']
 
 # %% ../nbs/00a_hardware.ipynb #756e0d56
 def sdpa_pays(q: torch.Tensor,  # queries (..., n_q, head_dim)
@@ -75,3 +75,15 @@ def bf16_native(device: torch.device | str) -> bool:
     if device.type == "cpu":  # torch.cpu's private probes of the CPU's instruction sets (absent: assume no)
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return False
+
+# %% ../nbs/00a_hardware.ipynb #bb889e6d
+TORCH_MIN = (2, 9)  # the oldest torch the package works with; settings.ini's requirements say the same
+
+def require_torch(version: str | None = None):
+    "Raise an `ImportError` that says what to do if `version` (default: the installed torch) is older than `TORCH_MIN`."
+    version = version or torch.__version__
+    got = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if got < TORCH_MIN:
+        need = ".".join(map(str, TORCH_MIN))
+        raise ImportError(f"llm_scratch needs torch {need} or later (FSDP2, DTensor and sharded safetensors "
+                          f"checkpoints); this is torch {version}: pip install 'torch>={need}'")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -36,16 +37,19 @@ from .distributed import (_local, any_failed, full_model, grad_sync, holdings, m
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
-__all__ = ['SHAPE_OPTIONS', 'LoopConfig', 'TrainConfig', 'model_config', 'settle_precision', 'add_options', 'build_parser',
-           'read_toml', 'launcher_settings', 'config_from', 'parse_args', 'make_optimizer', 'autocast', 'validate',
-           'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'run_command', 'check_out_folder', 'check_out', 'Run',
-           'start_folder', 'launch_run', 'resume_point', 'initial_weights', 'start_run', 'save_run', 'finish_run',
-           'Diverged', 'fit', 'train', 'run_report', 'main']
+__all__ = ['TRACKERS', 'SHAPE_OPTIONS', 'LoopConfig', 'TrainConfig', 'model_config', 'settle_precision', 'add_options',
+           'build_parser', 'read_toml', 'launcher_settings', 'config_from', 'parse_args', 'make_optimizer', 'autocast',
+           'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'run_command', 'check_out_folder',
+           'check_out', 'Run', 'start_folder', 'launch_run', 'resume_point', 'initial_weights', 'start_run', 'save_run',
+           'finish_run', 'Diverged', 'fit', 'train', 'run_report', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
     "A config field with its help text (and argparse `type`/`choices`)."
     return field(default=default, metadata={"help": help, **kw})
+
+TRACKERS = {"none": None, "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",)}  # --report-to: the packages that provide each (any one of them)
 
 @dataclass
 class LoopConfig:
@@ -71,6 +75,8 @@ class LoopConfig:
                          choices=["ddp", "fsdp", "tp"])
     seed: int = _opt(1337, "seeds the initial weights, the data order and dropout")
     compile: bool = _opt(False, "torch.compile the model")
+    report_to: str = _opt("none", "also send the metrics to an experiment tracker, through accelerate (metrics.jsonl "
+                          "is always written; tensorboard writes into --out)", choices=list(TRACKERS))
     peak_tflops: float | None = _opt(None, "peak TFLOP/s of one device, for the MFU estimate (default: a guess)",
                                      type=float)
     progress: bool = _opt(True, "show a progress bar")
@@ -104,6 +110,9 @@ class LoopConfig:
             raise ValueError(f"min_lr must be between 0 and lr={self.lr}, got {self.min_lr}")
         if not 0 <= self.seed < 2**63: raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         if not self.out.strip(): raise ValueError("out must name a folder, got an empty string")
+        if TRACKERS[self.report_to] and not any(importlib.util.find_spec(m) for m in TRACKERS[self.report_to]):
+            raise ValueError(f"--report-to {self.report_to} needs the {TRACKERS[self.report_to][0]} package: "
+                             f"pip install {TRACKERS[self.report_to][0]}")
 
 SHAPE_OPTIONS = {"n_layers": "n_layers", "n_heads": "n_heads", "emb_dim": "emb_dim", "context_length": "context_length",
                  "dropout": "drop_rate", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights"}  # option: GPTConfig field
@@ -427,6 +436,8 @@ def launch_run(cfg: LoopConfig, acc, model: torch.nn.Module, task: Task, record:
             print(f"note: resuming a {saved['world_size']}-process run on {acc.num_processes}: the same global "
                   "batches, but dropout's random streams differ")
     start_folder(run.out, {"command": cfg.COMMAND, **dataclasses.asdict(cfg)}, acc, None if ckpt is None else run.step)
+    if cfg.report_to != "none":  # the settings as the tracker's hyperparameters (plain values only)
+        acc.init_trackers(cfg.report_to, {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str))})
     return run
 
 def resume_point(cfg: LoopConfig, acc, global_batch: int) -> Path | None:
@@ -484,7 +495,8 @@ def start_run(cfg: TrainConfig, acc) -> Run:
               "data": {k: meta[k] for k in ("sha256", "n_tokens", "tokenizer", "chars") if k in meta}}
     run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps, dp_rank)
     if acc.is_main_process:
-        print(f"{cfg.model}: {record['parameters']:,} parameters, {world} process(es), {cfg.strategy}, {acc.device}; "
+        print(f"{cfg.init or cfg.model}: {mcfg.n_layers} blocks x {mcfg.emb_dim}, {mcfg.n_heads} heads, context {ctx}, "
+              f"{record['parameters']:,} parameters; {world} process(es), {cfg.strategy}, {cfg.precision}, {acc.device}; "
               f"{len(train_tokens):,} training tokens; " +
               (f"resuming at step {run.step}" if ckpt else f"starting from {cfg.init}" if cfg.init else "from scratch"))
     return run
@@ -578,6 +590,7 @@ def fit(run: Run) -> list[float]:
             speeds.append(speed)
             if main:
                 append_metrics(run.out, row)
+                if cfg.report_to != "none": acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, run.step)
                 bar.set_postfix(_postfix(row), refresh=False)
             t_log, n_log = time.perf_counter(), 0
         bar.update(1)
@@ -586,11 +599,13 @@ def fit(run: Run) -> list[float]:
             t_log += time.perf_counter() - t0  # the speed without the checkpoint's time
     bar.close()
     if run.saved_at != run.step: save_run(run)
+    if main:
+        for tracker in acc.trackers: tracker.finish()  # flushed and closed (accelerate's end_training would leave the group)
     return speeds
 
 def train(cfg: TrainConfig) -> dict | None:
     "Run (or resume) the pretraining `cfg` describes, in this process; launch N copies for N processes."
-    acc = make_accelerator()
+    acc = make_accelerator(cfg.report_to, cfg.out)
     try:
         run = start_run(cfg, acc)
         return finish_run(run, fit(run))

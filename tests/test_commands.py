@@ -131,3 +131,23 @@ def test_init_of_a_character_model_needs_its_characters(env, tmp_path):
     p = train(env, ["--init", str(chars), "--data", str(tmp_path / "other.txt"), "--out", str(tmp_path / "o")],
               check=False)
     assert p.returncode == 2 and "a character model continues only on text with its own characters" in p.stderr
+
+
+def test_report_to_tensorboard_logs_what_metrics_jsonl_holds(env, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from llm_scratch.metrics import read_metrics
+    out = tmp_path / "tb"
+    train(env, [*NANO, "--max-steps", "3", "--report-to", "tensorboard", "--out", str(out)])
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    rows = read_metrics(out)
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx({r["step"]: r["loss"] for r in rows})
+    assert [e.step for e in events.Scalars("val_loss")] == [r["step"] for r in rows if "val_loss" in r]
+
+
+def test_a_tracker_that_is_not_installed_is_refused_at_once(env, tmp_path):
+    import importlib.util
+    missing = next((t for t in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(t) is None), None)
+    if missing is None: pytest.skip("every tracker is installed here")
+    p = train(env, [*NANO, "--report-to", missing, "--out", str(tmp_path / "t")], check=False)
+    assert p.returncode == 2 and f"pip install {missing}" in p.stderr and not (tmp_path / "t").exists()
