@@ -24,7 +24,7 @@ from .classify import (LABELS, SpamDataset, balance, classification_logits, free
 from .data import FetchError, write_atomic
 from .instruct import (CHAT_TEMPLATE, collate_instructions, evaluate_responses, generate_responses,
                                   load_instructions, save_responses, split_records, InstructionDataset)
-from .lora import apply_lora, lora_layers, merge_lora
+from .lora import apply_lora, lora_layers, merge_lora, save_peft
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .text import gpt2_tokenizer
 from .metrics import plot_metrics, read_metrics
@@ -35,12 +35,16 @@ from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, con
 from .weights import load_gpt2, save_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora', 'FinetuneConfig',
-           'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy', 'Classification',
-           'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss', 'instruct_val_loss',
-           'InstructionTuning', 'finetune_instructions', 'build_parser', 'parse_args', 'run', 'main']
+__all__ = ['HF_NAMES', 'TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora',
+           'FinetuneConfig', 'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy',
+           'Classification', 'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss',
+           'instruct_val_loss', 'InstructionTuning', 'finetune_instructions', 'build_parser', 'parse_args', 'run',
+           'main']
 
 # %% ../nbs/12_finetune.ipynb #bb306056
+HF_NAMES = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}  # on the Hugging Face hub
+
 def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
     "The model a run starts from: 'scratch:<preset>' (random weights), a GPT-2 checkpoint name, or a local folder."
     if init.startswith("scratch:"):
@@ -323,6 +327,8 @@ def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     final = full_model(run.model, lambda: select_trainable(GPTModel(mcfg), cfg.train, cfg.lora_rank, cfg.lora_alpha,
                                                              new_head=False), acc)  # every process takes part
     if not acc.is_main_process: return None
+    if cfg.train == "lora":  # the adapter alone too, in PEFT's layout, for the base model it was trained on
+        save_peft(final, run.out / "adapter", HF_NAMES.get(cfg.init, cfg.init if Path(cfg.init).exists() else None))
     final = without_lora(final).eval()
     from llm_scratch.weights import save_gpt2
     save_gpt2(final, run.out / "final")

@@ -5,6 +5,7 @@
 # %% ../nbs/11_lora.ipynb #ddcf9725
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -14,11 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import write_atomic
 from .pretrain import atomic_torch_save
+from .weights import hf_name
 
 # %% auto #0
-__all__ = ['LoRALinear', 'matches', 'lora_layers', 'apply_lora', 'merge_lora', 'unmerge_lora', 'lora_state_dict', 'save_lora',
-           'load_lora']
+__all__ = ['PEFT_FILES', 'LoRALinear', 'matches', 'lora_layers', 'apply_lora', 'merge_lora', 'unmerge_lora', 'lora_state_dict',
+           'save_lora', 'load_lora', 'peft_state_dict', 'save_peft']
 
 # %% ../nbs/11_lora.ipynb #9655b89b
 class LoRALinear(nn.Module):
@@ -134,3 +137,36 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"unexpected {sorted(set(state) - want)[:4]}; is it the same base model?")
     model.load_state_dict(state, strict=False)
     return model
+
+# %% ../nbs/11_lora.ipynb #4bb0926e
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    "The LoRA weights of `model` under PEFT's names for Hugging Face's GPT-2, and the modules they adapt."
+    state, modules = {}, []
+    for name, layer in lora_layers(model).items():
+        module = hf_name(f"{name}.weight").removesuffix(".weight")  # blocks.0.att.qkv -> transformer.h.0.attn.c_attn
+        modules.append(module.removeprefix("transformer."))
+        state[f"base_model.model.{module}.lora_A.weight"] = layer.A.detach().T.contiguous().cpu()  # (rank, in)
+        state[f"base_model.model.{module}.lora_B.weight"] = layer.B.detach().T.contiguous().cpu()  # (out, rank)
+    return state, modules
+
+def save_peft(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
+    "Write the LoRA adapter of `model` in PEFT's layout (adapter_model.safetensors, adapter_config.json), atomically."
+    from safetensors.torch import save_file
+    if not hasattr(model, "lora_config"): raise ValueError("the model has no LoRA layers: call apply_lora first")
+    if full := [n for n, q in model.named_parameters() if q.requires_grad and not n.endswith((".A", ".B"))]:
+        raise ValueError(f"{full[:3]} were trained in full, which a PEFT adapter for GPT2LMHeadModel cannot carry here; "
+                         "save the merged model with save_gpt2 instead")
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError("the LoRA updates are merged into the weights; call unmerge_lora(model) first")
+    state, modules = peft_state_dict(model)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": model.lora_config["rank"], "lora_alpha": model.lora_config["alpha"], "lora_dropout": 0.0,
+              "target_modules": modules,  # every adapted layer by name: no pattern to match differently
+              "fan_in_fan_out": True,  # GPT-2's Conv1D stores its weights (in, out)
+              "bias": "none", "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
+    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    write_atomic(d / PEFT_FILES[0], lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomic(d / PEFT_FILES[1], lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return d

@@ -128,3 +128,14 @@ def test_a_killed_run_resumes_bit_for_bit(env, tmp_path, nproc, args):
         assert [r.get(key) for r in resumed] == [r.get(key) for r in straight], key
     a, b = weights(tmp_path / "straight"), weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_instruction_lora_run_also_saves_its_adapter_in_peft_layout(env, tmp_path):
+    from safetensors.torch import load_file
+    run(env, ["instruct", *BASE, "--train", "lora", "--lora-rank", "2", "--lora-alpha", "4", "--limit", "24",
+              "--batch-size", "8", "--generate", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "r")])
+    config = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["task_type"]) == ("LORA", 2, 4, "CAUSAL_LM")
+    weights = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 2 * len(config["target_modules"]) and any(w.abs().sum() > 0 for k, w in weights.items()
+                                                                      if "lora_B" in k)  # B trained away from zero

@@ -1,4 +1,5 @@
 """LoRA: starts equal to the base, merge == unmerged at many shapes (also after training), targets, counts, save/load."""
+import copy
 import math
 
 import pytest
@@ -212,3 +213,25 @@ def test_the_adapters_are_drawn_in_the_models_order_whatever_the_hash_seed():
     out = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(s)}, check=True,
                           capture_output=True, text=True).stdout for s in range(4)}
     assert len(out) == 1, out
+
+
+def test_a_peft_adapter_loads_onto_hugging_face_gpt2_with_our_merged_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+    from llm_scratch.lora import apply_lora, lora_layers, merge_lora, save_peft
+    from llm_scratch.model import GPTConfig, GPTModel
+    from llm_scratch.weights import save_gpt2
+    torch.manual_seed(0)
+    base = GPTModel(GPTConfig(vocab_size=500, context_length=32, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0))
+    hub = save_gpt2(base, tmp_path / "base")
+    for targets in (("qkv", "proj", "ff"), ("att.proj",)):  # every linear layer; one kind that shares a name with others
+        tuned = apply_lora(copy.deepcopy(base), rank=4, alpha=8, targets=targets, train=())
+        for layer in lora_layers(tuned).values(): torch.nn.init.normal_(layer.B, std=0.05)
+        adapter = save_peft(tuned, tmp_path / "-".join(targets), base_model=str(hub))
+        hf = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(hub), adapter).eval()
+        adapted = {n for n, m in hf.named_modules() if n.endswith("lora_A")}
+        assert len(adapted) == len(lora_layers(tuned))  # exactly the layers we adapted, no more
+        ids = torch.randint(0, 500, (2, 16))
+        with torch.no_grad():
+            ours, theirs, plain = merge_lora(tuned.eval())(ids), hf(ids).logits, base.eval()(ids)
+        assert (ours - theirs).abs().max() < 1e-4 < (ours - plain).abs().max()  # equal, and the update matters
