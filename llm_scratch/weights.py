@@ -5,6 +5,7 @@
 # %% ../nbs/04_weights.ipynb #e1cde79f
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import fetch, fetch_file, FetchError, RemoteFile, write_atomic
+from .data import (ChecksumError, FetchError, RemoteFile, cache_dir, fetch, fetch_file, mirror_dir, sha256sum,
+                   write_atomic)
 from .model import PRESETS, GPTConfig, GPTModel
 from .text import EOT_ID, CharTokenizer, gpt2_tokenizer
 
@@ -131,6 +133,7 @@ class Checkpoint:
     preset: str  # a key of `PRESETS`: the config of this checkpoint
     url: str
     sha256: str | None = None  # None: not pinned; checked on later loads against the hash of the first download
+    repo: str | None = None  # its Hugging Face repository: fetched through huggingface_hub (None: from `url` directly)
 
     @property
     def path(self) -> str: return f"gpt2-weights/{self.preset}/model.safetensors"
@@ -138,19 +141,50 @@ class Checkpoint:
 _HF = "https://huggingface.co/openai-community"
 GPT2_CHECKPOINTS: dict[str, Checkpoint] = {
     "gpt2-small": Checkpoint("gpt2-small", f"{_HF}/gpt2/resolve/main/model.safetensors",
-                             "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-    "gpt2-medium": Checkpoint("gpt2-medium", f"{_HF}/gpt2-medium/resolve/main/model.safetensors"),
-    "gpt2-large": Checkpoint("gpt2-large", f"{_HF}/gpt2-large/resolve/main/model.safetensors"),
-    "gpt2-xl": Checkpoint("gpt2-xl", f"{_HF}/gpt2-xl/resolve/main/model.safetensors"),
+                             "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707", "openai-community/gpt2"),
+    "gpt2-medium": Checkpoint("gpt2-medium", f"{_HF}/gpt2-medium/resolve/main/model.safetensors",
+                              repo="openai-community/gpt2-medium"),
+    "gpt2-large": Checkpoint("gpt2-large", f"{_HF}/gpt2-large/resolve/main/model.safetensors",
+                             repo="openai-community/gpt2-large"),
+    "gpt2-xl": Checkpoint("gpt2-xl", f"{_HF}/gpt2-xl/resolve/main/model.safetensors", repo="openai-community/gpt2-xl"),
 }
 
 # %% ../nbs/04_weights.ipynb #b6236fb3
 def fetch_checkpoint(name: str, progress: bool = True) -> Path:
-    "Path to the cached `model.safetensors` of GPT-2 checkpoint `name`, fetched and verified if needed."
+    "Path to the `model.safetensors` of GPT-2 checkpoint `name`: our cache or mirror, else Hugging Face's hub; verified."
     if name not in GPT2_CHECKPOINTS:
         raise FetchError(f"Unknown checkpoint {name!r}. Known: {', '.join(GPT2_CHECKPOINTS)}.")
     ck = GPT2_CHECKPOINTS[name]
-    return fetch_file(RemoteFile(ck.path, ck.url, ck.sha256), progress)  # sha256=None: trusted on first use
+    rf = RemoteFile(ck.path, ck.url, ck.sha256)
+    mirror = mirror_dir()
+    local = (cache_dir() / ck.path).is_file() or (mirror is not None and (mirror / ck.path).is_file())
+    if ck.repo is None or local: return fetch_file(rf, progress)  # sha256=None: trusted on first use
+    if importlib.util.find_spec("huggingface_hub") is None: return fetch_file(rf, progress)  # our own downloader
+    return _verified(_from_hub(ck), rf)
+
+def _from_hub(ck: Checkpoint) -> Path:
+    "`model.safetensors` of `ck.repo` through huggingface_hub: its shared cache, resumable downloads, HF_* settings."
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        if not offline: get_hf_file_metadata(hf_hub_url(ck.repo, "model.safetensors"), retry_on_errors=False)  # fail fast
+        return Path(hf_hub_download(ck.repo, "model.safetensors", local_files_only=offline))
+    except Exception as e:  # no network, no such repository, or offline without the file in the cache
+        try: return Path(hf_hub_download(ck.repo, "model.safetensors", local_files_only=True))  # an earlier download
+        except Exception: pass
+        raise FetchError(f"Could not get {ck.repo}/model.safetensors from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}). If this machine is offline, put the file in a mirror folder "
+                         f"as {ck.path} and set LLM_SCRATCH_DATA to that folder.") from None
+
+def _verified(path: Path, rf: RemoteFile) -> Path:
+    "`path` if its SHA-256 is `rf`'s (or, unpinned, the one seen the first time, kept in our cache); else an error."
+    got, seen = sha256sum(path), cache_dir() / (rf.path + ".sha256")
+    want = rf.sha256 or (seen.read_text().strip() if seen.is_file() else None)
+    if want is None: write_atomic(seen, lambda p: Path(p).write_text(got + "\n"))  # trusted on first use
+    elif got != want:
+        raise ChecksumError(f"{path} has SHA-256 {got}, expected {want}: delete it from the Hugging Face cache "
+                            "(huggingface-cli delete-cache) and fetch it again")
+    return path
 
 # %% ../nbs/04_weights.ipynb #3b8c542e
 def _tied(sd: dict[str, torch.Tensor]) -> bool:
