@@ -115,23 +115,28 @@ check-clean: $(STAMP)
 	  echo "FAIL: notebooks are not clean. Run '$(BIN)/nbdev_clean' and commit nbs/."; exit 1; fi; \
 	rm -rf $$tmp; echo "ok: notebooks are clean"
 
-# 3. every notebook runs top to bottom (one at a time: torch already uses every core)
+# Every notebook top to bottom with nbdev_test, without the book (one at a time: torch already uses every core).
+# `make test` does not call it: the book build of step 4 runs every notebook afresh and fails on any cell that raises.
 nbtest: export
 	$(BIN)/nbdev_test --n_workers 1 --timing
 
-# 4. the tests that notebooks cannot do well
+# 3. the tests that notebooks cannot do well
 pytest: export
 	$(BIN)/python -m pytest tests -q -rs -m "not book"
 
-# 5. a clean HTML build, every page re-read, Sphinx warnings as errors
+# 4. every notebook runs top to bottom, once: a clean HTML build with its execution cache cleared, so each notebook is
+#    executed afresh; a cell that raises fails it (allow_errors: false, Sphinx warnings as errors), and its traceback is
+#    printed from the build's reports. The notebooks' own asserts are tested here, and the pages rendered from them.
 book-check: export vendor
-	env -u MPLBACKEND $(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html --all -W -n --keep-going
+	rm -rf _book/_build/.jupyter_cache _book/_build/html/reports
+	env -u MPLBACKEND $(BIN)/jupyter-book build . $(JB_ARGS) --path-output _book --builder html --all -W -n --keep-going \
+	  || { tail -n 80 _book/_build/html/reports/*.err.log 2>/dev/null; exit 1; }
 
-# 6. the book as a reader sees it: every page in headless Chromium, and the PDF
+# 5. the book as a reader sees it: every page in headless Chromium, and the PDF
 book-tests: book-check pdf browser
 	$(BIN)/python -m pytest tests -q -rs -m book
 
-test: check-export check-clean nbtest pytest book-check book-tests
+test: check-export check-clean pytest book-check book-tests
 	@echo "make test: all checks passed"
 
 ## --- benchmarks (not part of `make test`: minutes of CPU, figures for bench/README.md) -------------

@@ -39,9 +39,13 @@ def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
             "optimizer": n_params * optim_bytes * share}
 
 # %% ../nbs/06c_distributed.ipynb #16d388f3
-def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = None):
+def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = None, strategy: str = "ddp"):
     "The `Accelerator` of this process: it joins the process group a launcher set up, on GPU or CPU."
     from accelerate import Accelerator
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):  # set by an FSDP accelerate config
+        if strategy != "fsdp": raise RunError(f"accelerate is configured for FSDP but the strategy is {strategy}; "
+                                              "use --strategy fsdp, or a multi-GPU / multi-CPU accelerate config")
+        del os.environ["ACCELERATE_USE_FSDP"]  # `wrap_model` shards with fully_shard; accelerate's own plugin must not
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return Accelerator(cpu=cpu, mixed_precision="no",  # mixed precision: our torch.autocast, see `--precision`
                        log_with=None if report_to == "none" else report_to, project_dir=out)  # experiment tracking

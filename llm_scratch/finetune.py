@@ -365,7 +365,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
 
 def run(cfg: FinetuneConfig) -> dict | None:
     "Run the fine-tuning `cfg` describes in this process (launch N copies for N processes)."
-    acc = make_accelerator(cfg.report_to, cfg.out)
+    acc = make_accelerator(cfg.report_to, cfg.out, cfg.strategy)
     try: return (finetune_classifier if isinstance(cfg, ClassifyConfig) else finetune_instructions)(cfg, acc)
     finally:
         import torch.distributed as dist

@@ -605,7 +605,7 @@ def fit(run: Run) -> list[float]:
 
 def train(cfg: TrainConfig) -> dict | None:
     "Run (or resume) the pretraining `cfg` describes, in this process; launch N copies for N processes."
-    acc = make_accelerator(cfg.report_to, cfg.out)
+    acc = make_accelerator(cfg.report_to, cfg.out, cfg.strategy)
     try:
         run = start_run(cfg, acc)
         return finish_run(run, fit(run))

@@ -151,3 +151,26 @@ def test_a_tracker_that_is_not_installed_is_refused_at_once(env, tmp_path):
     if missing is None: pytest.skip("every tracker is installed here")
     p = train(env, [*NANO, "--report-to", missing, "--out", str(tmp_path / "t")], check=False)
     assert p.returncode == 2 and f"pip install {missing}" in p.stderr and not (tmp_path / "t").exists()
+
+
+def test_shape_options_in_a_toml_file(tmp_path):
+    from llm_scratch.train import model_config, parse_args
+    (tmp_path / "nano.toml").write_text('tokenizer = "char"\nn-layers = 4\nn_heads = 4\nemb-dim = 128\n'
+                                        'context-length = 64\nqkv-bias = false\n')
+    shape = model_config(parse_args(["--config", str(tmp_path / "nano.toml"), "--n-layers", "6"]), 65)
+    assert (shape.n_layers, shape.n_heads, shape.emb_dim, shape.context_length, shape.qkv_bias) == (6, 4, 128, 64, False)
+    (tmp_path / "bad.toml").write_text("n-heads = 5\nemb-dim = 128\n")
+    with pytest.raises(SystemExit): parse_args(["--config", str(tmp_path / "bad.toml")])
+
+
+def test_an_fsdp_accelerate_config_trains_with_strategy_fsdp(env, tmp_path):
+    from llm_scratch.distributed import free_port
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    train(env, [*NANO, "--max-steps", "2", "--out", str(tmp_path / "f")], launch)
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["strategy"] == "fsdp"
+    summary = json.loads((tmp_path / "f" / "run.json").read_text())
+    assert [r["parameters"] / summary["parameters"] for r in summary["ranks"]] == pytest.approx([0.5, 0.5], abs=0.02)
+    p = train(env, [*NANO, "--strategy", "ddp", "--out", str(tmp_path / "d")], launch, check=False)
+    assert p.returncode != 0 and "accelerate is configured for FSDP but --strategy is ddp" in p.stderr
