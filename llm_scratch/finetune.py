@@ -32,6 +32,7 @@ from .distributed import core_model, full_model, make_accelerator, reset_acceler
 from .hardware import MALLOC_TIP, tune_malloc
 from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
                                resume_point, settle_precision)
+from .generate import model_folder
 from .weights import load_gpt2, save_tokenizer
 
 # %% auto #0
@@ -52,9 +53,10 @@ def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
         if preset not in PRESETS: raise RunError(f"unknown preset {preset!r} in --init; known: {', '.join(PRESETS)}")
         torch.manual_seed(0)  # the same initial weights in every process
         model = GPTModel(GPTConfig.from_preset(preset))
-    elif init.startswith("gpt2") and init in PRESETS or Path(init).exists(): model = load_gpt2(init)
+    elif init.startswith("gpt2") and init in PRESETS: model = load_gpt2(init)
+    elif Path(init).exists(): model = load_gpt2(model_folder(init))  # a model folder, or a run (its final/)
     else: raise RunError(f"--init {init!r} is neither a GPT-2 checkpoint ({', '.join(p for p in PRESETS if 'gpt2' in p)}), "
-                         "an existing folder, nor scratch:<preset>")
+                         "an existing folder (a model, or a run with final/), nor scratch:<preset>")
     if model.cfg.vocab_size != 50257:
         raise RunError(f"--init {init!r} has a vocabulary of {model.cfg.vocab_size}; fine-tuning needs GPT-2's "
                        "50,257 tokens (train the base model with --tokenizer gpt2)")

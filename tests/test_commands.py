@@ -174,3 +174,13 @@ def test_an_fsdp_accelerate_config_trains_with_strategy_fsdp(env, tmp_path):
     assert [r["parameters"] / summary["parameters"] for r in summary["ranks"]] == pytest.approx([0.5, 0.5], abs=0.02)
     p = train(env, [*NANO, "--strategy", "ddp", "--out", str(tmp_path / "d")], launch, check=False)
     assert p.returncode != 0 and "accelerate is configured for FSDP but --strategy is ddp" in p.stderr
+
+
+def test_fine_tuning_starts_from_a_pretraining_run_folder(env, nano, tmp_path):
+    out, _ = nano
+    p = subprocess.run([sys.executable, "-m", "llm_scratch.finetune", "classify", "--init", str(out), "--limit", "64",
+                        "--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--no-progress",
+                        "--out", str(tmp_path / "spam")], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "spam" / "results.json").read_text())
+    assert results["parameters"] > 0 and results["max_length"] <= 32  # the run's model, with its context of 32
