@@ -25,9 +25,9 @@ from .model import GPTConfig, GPTModel
 from .tokens import RunError
 
 # %% auto #0
-__all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync',
-           'sum_over_processes', 'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
-           'full_model', 'free_port']
+__all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'env_flag', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model',
+           'grad_sync', 'sum_over_processes', 'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel',
+           'tensor_parallel', 'full_model', 'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -39,14 +39,18 @@ def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
             "optimizer": n_params * optim_bytes * share}
 
 # %% ../nbs/06c_distributed.ipynb #16d388f3
+def env_flag(name: str, env: dict = os.environ) -> bool:
+    "Whether environment variable `name` is set to a true value (1, true or yes), as launchers write them."
+    return env.get(name, "").lower() in ("1", "true", "yes")
+
 def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = None, strategy: str = "ddp"):
     "The `Accelerator` of this process: it joins the process group a launcher set up, on GPU or CPU."
     from accelerate import Accelerator
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):  # set by an FSDP accelerate config
+    if env_flag("ACCELERATE_USE_FSDP"):  # set by an FSDP accelerate config
         if strategy != "fsdp": raise RunError(f"accelerate is configured for FSDP but the strategy is {strategy}; "
                                               "use --strategy fsdp, or a multi-GPU / multi-CPU accelerate config")
         del os.environ["ACCELERATE_USE_FSDP"]  # `wrap_model` shards with fully_shard; accelerate's own plugin must not
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cpu = not torch.cuda.is_available() or env_flag("ACCELERATE_USE_CPU")
     return Accelerator(cpu=cpu, mixed_precision="no",  # mixed precision: our torch.autocast, see `--precision`
                        log_with=None if report_to == "none" else report_to, project_dir=out)  # experiment tracking
 

@@ -33,19 +33,15 @@ from .hardware import MALLOC_TIP, tune_malloc
 from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
                                resume_point, settle_precision)
 from .generate import model_folder
-from .weights import load_gpt2, save_tokenizer
+from .weights import GPT2_CHECKPOINTS, load_gpt2, save_tokenizer
 
 # %% auto #0
-__all__ = ['HF_NAMES', 'TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora',
-           'FinetuneConfig', 'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy',
-           'Classification', 'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss',
-           'instruct_val_loss', 'InstructionTuning', 'finetune_instructions', 'build_parser', 'parse_args', 'run',
-           'main']
+__all__ = ['TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora', 'FinetuneConfig',
+           'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy', 'Classification',
+           'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss', 'instruct_val_loss',
+           'InstructionTuning', 'finetune_instructions', 'build_parser', 'parse_args', 'run', 'main']
 
 # %% ../nbs/12_finetune.ipynb #bb306056
-HF_NAMES = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}  # on the Hugging Face hub
-
 def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
     "The model a run starts from: 'scratch:<preset>' (random weights), a GPT-2 checkpoint name, or a local folder."
     if init.startswith("scratch:"):
@@ -330,7 +326,9 @@ def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
                                                              new_head=False), acc)  # every process takes part
     if not acc.is_main_process: return None
     if cfg.train == "lora":  # the adapter alone too, in PEFT's layout, for the base model it was trained on
-        save_peft(final, run.out / "adapter", HF_NAMES.get(cfg.init, cfg.init if Path(cfg.init).exists() else None))
+        base = (GPT2_CHECKPOINTS[cfg.init].repo if cfg.init in GPT2_CHECKPOINTS
+                else cfg.init if Path(cfg.init).exists() else None)  # its hub repository, or its folder
+        save_peft(final, run.out / "adapter", base)
     final = without_lora(final).eval()
     from llm_scratch.weights import save_gpt2
     save_gpt2(final, run.out / "final")

@@ -32,7 +32,7 @@ from .weights import CheckpointError
 from .pretrain import calc_loss_batch, warmup_cosine
 from .hardware import MALLOC_TIP, bf16_native, peak_flops, tune_malloc
 from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
-from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
+from .distributed import (_local, any_failed, env_flag, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
@@ -196,8 +196,6 @@ def read_toml(path: str | os.PathLike, cls: type = None) -> dict:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return values
 
-def _on(env: dict, name: str) -> bool: return env.get(name, "").lower() in ("1", "true", "yes")
-
 def launcher_settings(values: dict, env: dict = os.environ) -> dict:
     "`values` with the settings of `accelerate launch`/`accelerate config` that map onto ours; ValueError for the rest."
     values = dict(values)
@@ -210,10 +208,10 @@ def launcher_settings(values: dict, env: dict = os.environ) -> dict:
             raise ValueError(f"accelerate asks for bf16 mixed precision but --precision is {values['precision']}; "
                              "drop one of the two")
         values["precision"] = "bf16"
-    if _on(env, "ACCELERATE_USE_DEEPSPEED"):
+    if env_flag("ACCELERATE_USE_DEEPSPEED", env):
         raise ValueError("accelerate is configured for DeepSpeed, which this trainer does not use: choose multi-GPU, "
                          "multi-CPU or FSDP in `accelerate config`; --strategy fsdp shards like ZeRO stage 3")
-    if _on(env, "ACCELERATE_USE_FSDP"):
+    if env_flag("ACCELERATE_USE_FSDP", env):
         if values.get("strategy", "fsdp") != "fsdp":
             raise ValueError(f"accelerate is configured for FSDP but --strategy is {values['strategy']}; use "
                              "--strategy fsdp, or a multi-GPU / multi-CPU accelerate config")
