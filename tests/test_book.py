@@ -25,9 +25,10 @@ pytestmark = pytest.mark.book
 
 
 def chapters():
-    "The toc's files, in book order: root first."
+    "The toc's files, in book order: root first, then each part's chapters (the appendices last)."
     toc = yaml.safe_load((REPO / "_book" / "_toc.yml").read_text())
-    return [toc["root"]] + [c["file"] for c in toc.get("chapters", [])]
+    parts = toc.get("parts") or [{"chapters": toc.get("chapters", [])}]
+    return [toc["root"]] + [c["file"] for p in parts for c in p["chapters"]]
 
 
 def chapter_titles():
@@ -171,6 +172,10 @@ def test_pdf_has_title_toc_and_every_chapter():
     walk(reader.outline)
     for t in chapter_titles():
         assert any(squash(t) in squash(o) for o in outline), f"chapter {t!r} not in the PDF outline {outline}"
+    for part in yaml.safe_load((REPO / "_book" / "_toc.yml").read_text()).get("parts", []):  # the parts, as in the HTML
+        assert squash(part["caption"]) in map(squash, outline), f"part {part['caption']!r} not in the PDF outline"
+    text = "".join(reader.pages[i].extract_text() for i in range(len(reader.pages) - 40, len(reader.pages)))
+    assert "appendix" in squash(text), "the last part should be lettered as appendices"
     # two pages rendered as images, for people to look at
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for n in (1, min(len(reader.pages), 12)):

@@ -12,7 +12,8 @@ change what is shown to jupyter-book cell tags:
   "show" toggle in the HTML book, printed in full at the chapter's end in the PDF)
 
 Each executed page says, under its title, how long its code took to run. It also drops sphinx-thebe's scripts from the HTML pages: the book is read offline, with no kernel.
-In the LaTeX book, each CJK character and each emoji/symbol that the Free fonts lack is made to switch
+In the LaTeX book, each part of `_toc.yml` opens with a `\\part` page and the unnumbered last part (the appendices)
+is lettered A, B, C; each CJK character and each emoji/symbol that the Free fonts lack is made to switch
 to `\cjkfont` / `\symbolfont` (declared in _config.yml), in prose and in code blocks alike.
 """
 import json
@@ -146,12 +147,38 @@ def font_fallbacks(tex: str) -> str:
     return tex.replace("\\begin{document}", defs + "\\begin{document}", 1)
 
 
+def toc_parts(toc_path):
+    "[(caption, title of its first chapter, numbered)] of the book's parts, from `_toc.yml` and the notebooks' titles."
+    from pathlib import Path
+    import yaml
+    toc_path = Path(toc_path).resolve()
+    toc = yaml.safe_load(toc_path.read_text())
+    out = []
+    for part in toc.get("parts", []):
+        first = toc_path.parents[1] / f"{part['chapters'][0]['file']}.ipynb"
+        title = "".join(json.loads(first.read_text())["cells"][0]["source"]).splitlines()[0].lstrip("# ").strip()
+        out.append((part["caption"], title, part.get("numbered", False)))
+    return out
+
+
+def latex_parts(tex: str, parts) -> str:
+    "LaTeX source with a `\\part` page before each part's first chapter; an unnumbered last part becomes the appendix."
+    for i, (caption, title, numbered) in enumerate(parts):
+        at = tex.find(f"\\chapter{{{title}}}".replace("-", "\\sphinxhyphen{}"))  # as Sphinx writes a hyphen
+        if at < 0: continue  # a title LaTeX spells differently: leave the book flat there rather than guess
+        appendix = not numbered and i == len(parts) - 1
+        tex = tex[:at] + f"\\part{{{caption}}}\n" + ("\\appendix\n" if appendix else "") + tex[at:]
+    return tex
+
+
 def _latex_fallbacks(app, exc):
     if exc or app.builder.name != "latex": return
     from pathlib import Path
+    toc = Path(__file__).resolve().parents[1] / "_toc.yml"
+    parts = toc_parts(toc) if toc.is_file() else []
     for tex in Path(app.outdir).glob("*.tex"):
         text = tex.read_text(encoding="utf-8")
-        new = font_fallbacks(text)
+        new = latex_parts(font_fallbacks(text), parts)
         if new != text: tex.write_text(new, encoding="utf-8")
 
 
