@@ -2,6 +2,7 @@
 goes on; where they can (here a small checkpoint in the Hugging Face layout stands in for GPT-2, through
 $LLM_SCRATCH_GPT2), they run and show the model's output."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,14 @@ def run_notebook(name: str, env: dict) -> list[tuple[str, str]]:
     from execnb.shell import CaptureShell
     old = dict(os.environ)
     os.environ.update(env)
-    cwd = os.getcwd()
+    cwd, path = os.getcwd(), list(sys.path)
     try:
         os.chdir(REPO / "nbs")
+        sys.path.insert(0, str(REPO / "nbs"))  # as a Jupyter kernel started there has it: `import diagrams` works
         nb = read_nb(REPO / "nbs" / name)
         CaptureShell().run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != "code" or "#| eval: false" in c.source)
     finally:
-        os.chdir(cwd); os.environ.clear(); os.environ.update(old)
+        os.chdir(cwd); os.environ.clear(); os.environ.update(old); sys.path[:] = path
     cells = [c for c in nb.cells if c.cell_type == "code" and "pretrained_gpt2(" in c.source and "#| export" not in c.source]
     def text(c): return "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
                                 for o in c.get("outputs", []))
