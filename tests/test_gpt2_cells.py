@@ -65,7 +65,7 @@ def run_notebook(name: str, env: dict) -> list[tuple[str, str]]:
     return [(c.source, text(c)) for c in cells]
 
 
-@pytest.mark.parametrize("name", ["04_weights.ipynb", "06_generate.ipynb"])  # 09 and 11 call it the same way
+@pytest.mark.parametrize("name", ["04_weights.ipynb", "06_generate.ipynb", "10_instruct.ipynb"])  # 09, 11: as 04 and 06
 def test_gpt2_cells_run_when_the_weights_can_be_reached(name, stand_in, tmp_path):
     folder, _ = stand_in
     with_weights = run_notebook(name, {"LLM_SCRATCH_GPT2": str(folder)})
