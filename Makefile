@@ -34,7 +34,7 @@ help:
 	@echo "make book   render the HTML site and the PDF book into _book/_build"
 	@echo "make test   run every check: export in sync, clean notebooks, notebooks, pytest, book -W, browser + PDF"
 	@echo "make export write llm_scratch/ from the notebooks (after you edit one)"
-	@echo "make bench  time our GPT against llms-from-scratch and Hugging Face (BENCH_ARGS=--quick: 2 min)"
+	@echo "make bench  time our GPT against llms-from-scratch and Hugging Face, and a reader's first model (BENCH_ARGS=--quick: 3 min)"
 
 ## --- set-up -----------------------------------------------------------------------------------
 # the stamp changes whenever the declared requirements change
@@ -150,6 +150,7 @@ bench: $(STAMP)
 	  $(BIN)/python -m pip install -q --disable-pip-version-check -e ".[bench]" && \
 	  $(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "$(LLMS_FROM_SCRATCH)"; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_small.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 200 --no-profile,)
 
 clean:
 	rm -rf _book/_build _proc _docs

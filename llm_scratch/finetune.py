@@ -31,7 +31,7 @@ from .metrics import plot_metrics, read_metrics
 from .distributed import core_model, full_model, make_accelerator, reset_accelerate, sum_over_processes
 from .hardware import MALLOC_TIP, tune_malloc
 from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
-                               resume_point, settle_precision)
+                               resume_point, settle_auto)
 from .generate import model_folder
 from .weights import GPT2_CHECKPOINTS, load_gpt2, save_tokenizer
 
@@ -212,7 +212,7 @@ def _finish(run, results: dict, title: str):
 
 def finetune_classifier(cfg: ClassifyConfig, acc) -> dict | None:
     "Fine-tune (or resume fine-tuning) a spam classifier as `cfg` says, in this process; returns the results on process 0."
-    cfg = settle_precision(cfg, acc.device)  # auto: bf16 where the device computes it natively
+    cfg = settle_auto(cfg, acc.device)  # auto: bf16 where the device computes it natively; compile on GPUs
     ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * acc.num_processes)
     model = initial_model(cfg.init, cfg.dropout)
     train_ds, val_ds, test_ds = spam_splits(cfg.max_length, model.cfg.context_length, cfg.limit, cfg.seed)
@@ -303,7 +303,7 @@ class InstructionTuning(ExampleTask):
 
 def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     "Instruction-tune (or resume tuning) a model as `cfg` says, in this process; returns the results on process 0."
-    cfg = settle_precision(cfg, acc.device)  # auto: bf16 where the device computes it natively
+    cfg = settle_auto(cfg, acc.device)  # auto: bf16 where the device computes it natively; compile on GPUs
     ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * acc.num_processes)
     model = initial_model(cfg.init, cfg.dropout)
     ctx = min(cfg.max_length or model.cfg.context_length, model.cfg.context_length)

@@ -37,11 +37,11 @@ from .distributed import (_local, any_failed, env_flag, full_model, grad_sync, h
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
-__all__ = ['TRACKERS', 'SHAPE_OPTIONS', 'LoopConfig', 'TrainConfig', 'model_config', 'settle_precision', 'add_options',
-           'build_parser', 'read_toml', 'launcher_settings', 'config_from', 'parse_args', 'make_optimizer', 'autocast',
-           'validate', 'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'run_command', 'check_out_folder',
-           'check_out', 'Run', 'start_folder', 'launch_run', 'resume_point', 'initial_weights', 'start_run', 'save_run',
-           'finish_run', 'Diverged', 'fit', 'train', 'run_report', 'main']
+__all__ = ['TRACKERS', 'SHAPE_OPTIONS', 'LoopConfig', 'TrainConfig', 'model_config', 'settle_auto', 'add_options', 'build_parser',
+           'read_toml', 'launcher_settings', 'config_from', 'parse_args', 'make_optimizer', 'autocast', 'validate',
+           'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'run_command', 'check_out_folder', 'check_out', 'Run',
+           'start_folder', 'launch_run', 'resume_point', 'initial_weights', 'start_run', 'save_run', 'finish_run',
+           'Diverged', 'fit', 'train', 'run_report', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
@@ -74,7 +74,9 @@ class LoopConfig:
                          "parallel: all processes read the same batch, each holds 1/N of every block)",
                          choices=["ddp", "fsdp", "tp"])
     seed: int = _opt(1337, "seeds the initial weights, the data order and dropout")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: str = _opt("auto", "torch.compile the model: on, off, or auto (on for a GPU; off on a CPU, where the first "
+                        "compile costs more than it saves in most runs); config.json records the choice",
+                        choices=["auto", "on", "off"])
     report_to: str = _opt("none", "also send the metrics to an experiment tracker, through accelerate (metrics.jsonl "
                           "is always written; tensorboard writes into --out)", choices=list(TRACKERS))
     peak_tflops: float | None = _opt(None, "peak TFLOP/s of one device, for the MFU estimate (default: a guess)",
@@ -89,6 +91,7 @@ class LoopConfig:
     def final_lr(self) -> float: return self.lr * self.MIN_LR_FRACTION if self.min_lr is None else self.min_lr
 
     def __post_init__(self):
+        if isinstance(self.compile, bool): self.compile = "on" if self.compile else "off"  # `compile = true` in a TOML file
         for f in dataclasses.fields(self):
             v, kind = getattr(self, f.name), f.metadata.get("type", type(f.default))
             if v is None and f.default is None: continue
@@ -158,10 +161,11 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     over = {field: getattr(cfg, opt) for opt, field in SHAPE_OPTIONS.items() if getattr(cfg, opt) is not None}
     return GPTConfig.from_preset(cfg.model, vocab_size=vocab_size, **over)
 
-def settle_precision(cfg: LoopConfig, device: torch.device) -> LoopConfig:
-    "`cfg` with `precision='auto'` made concrete: bf16 where `device` computes it natively (`bf16_native`), else fp32."
-    if cfg.precision != "auto": return cfg
-    return dataclasses.replace(cfg, precision="bf16" if bf16_native(device) else "fp32")
+def settle_auto(cfg: LoopConfig, device: torch.device) -> LoopConfig:
+    "`cfg` with its 'auto' choices made concrete for `device`: bf16 where it computes it natively, compiling on GPUs."
+    precision = cfg.precision if cfg.precision != "auto" else "bf16" if bf16_native(device) else "fp32"
+    compile = cfg.compile if cfg.compile != "auto" else "on" if torch.device(device).type == "cuda" else "off"
+    return dataclasses.replace(cfg, precision=precision, compile=compile)
 
 # %% ../nbs/07_train.ipynb #064e2dfc
 def add_options(p: argparse.ArgumentParser, cls: type = None) -> argparse.ArgumentParser:
@@ -404,7 +408,7 @@ class Run:
     @property
     def out(self) -> Path: return Path(self.cfg.out)
 
-    def __post_init__(self): self.cfg = settle_precision(self.cfg, self.acc.device)  # "auto" is decided here at the latest
+    def __post_init__(self): self.cfg = settle_auto(self.cfg, self.acc.device)  # "auto" choices are made here at the latest
 
 def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
     "Make the run folder (process 0): config.json, and metrics.jsonl emptied, or cut at `resume_step`; all stop if it fails."
@@ -424,7 +428,7 @@ def launch_run(cfg: LoopConfig, acc, model: torch.nn.Module, task: Task, record:
     "Wrap `model` for the strategy, make its optimiser, restore `ckpt` if resuming, and write the run folder."
     model = wrap_model(model, cfg.strategy, acc)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model) if cfg.compile == "on" else model
     _seed_all(cfg.seed + 1 + rank)  # a different dropout stream per data-parallel rank
     run = Run(cfg, acc, task, model, optimizer, forward, max_steps, record)
     if ckpt is not None:
@@ -458,7 +462,7 @@ def initial_weights(cfg: TrainConfig) -> tuple[GPTModel, object]:
 
 def start_run(cfg: TrainConfig, acc) -> Run:
     "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
-    cfg = settle_precision(cfg, acc.device)  # before the resume check: config.json holds the concrete choice
+    cfg = settle_auto(cfg, acc.device)  # before the resume check: config.json holds the concrete choice
     init, init_tokenizer = initial_weights(cfg) if cfg.init else (None, None)
     if init is not None:  # the checkpoint's tokenizer, whatever --tokenizer said
         cfg = dataclasses.replace(cfg, tokenizer="char" if isinstance(init_tokenizer, CharTokenizer) else "gpt2")

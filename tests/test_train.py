@@ -216,7 +216,7 @@ def test_the_8_gpu_config_parses():
     repo = Path(__file__).resolve().parents[1]
     cfg = parse_args(["--config", str(repo / "configs" / "gpt2-124m-8gpu.toml"), "--max-steps", "10"])
     assert (cfg.model, cfg.context_length, cfg.precision, cfg.compile, cfg.max_steps) == ("gpt2-small", 1024, "bf16",
-                                                                                          True, 10)
+                                                                                          "on", 10)
     assert cfg.batch_size * cfg.grad_accum * 8 * cfg.context_length == 491_520  # nanoGPT's tokens per step
 
 
