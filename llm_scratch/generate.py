@@ -200,7 +200,7 @@ def print_stream(model: GPTModel, tokenizer, prompt_ids: list[int], out=sys.stdo
     eos = EOT_ID if model.cfg.vocab_size > EOT_ID and not isinstance(tokenizer, CharTokenizer) else None
     idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     ids, shown, eos = [], "", kw.pop("eos_id", eos)
-    with decode_layout(model):  # float32 on a CPU: faster one-token steps, the same tokens
+    with decode_layout(model):  # on a CPU: faster one-token steps (appendix "The machine underneath"), the same tokens
         for nxt in stream(model, idx, eos_id=eos, **kw):
             if eos is not None and nxt.item() == eos: break
             ids.append(nxt.item())

@@ -47,7 +47,26 @@ def test_decode_layout_keeps_the_tokens_and_restores_the_parameters(seed, kw):
         with decode_layout(model): raise RuntimeError("boom")
     assert all(p.is_contiguous() for p in model.parameters())  # restored after an error too
     half = tiny(seed, **kw).to(torch.bfloat16)
-    with decode_layout(half): assert all(p.is_contiguous() for p in half.parameters())  # bf16: left alone
+    with decode_layout(half): assert all(p.is_contiguous() for p in half.parameters())  # bf16: stored as it was
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_decoding_multiplies_one_row_with_mv_and_gives_the_same_step(seed):
+    "Inside decode_layout a bfloat16 model's linear layers use torch.mv for one row: a step's logits agree with the "
+    "usual kernel to bfloat16 rounding, several rows take the usual kernel, and the modules are as before afterwards."
+    half = tiny(seed).to(torch.bfloat16)
+    prompt = torch.randint(0, half.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(seed))
+    lins = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        step = torch.randint(0, half.cfg.vocab_size, (1, 1))
+        want = half(step)
+        with decode_layout(half):
+            assert all("forward" in vars(m) for m in lins)
+            got = half(step)
+            several = half(prompt)
+        assert torch.equal(several, half(prompt))  # more than one row: the usual kernel, bit for bit
+    assert all("forward" not in vars(m) for m in lins)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)  # bfloat16 sums in another order
 
 
 def test_cached_sampling_matches_uncached_with_the_same_seed():
