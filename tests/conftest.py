@@ -41,7 +41,8 @@ def env(tmp_path_factory):
 def kill_tree(p: subprocess.Popen):
     "`kill -9` the launcher and every process under it (torch's launcher starts each worker in a session of its own)."
     import psutil
-    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    try: root = psutil.Process(p.pid); procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess: return  # the launcher has already exited: nothing of it is left to kill
     for q in procs:
         try: q.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess: pass
