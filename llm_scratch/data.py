@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['DATASETS', 'RemoteFile', 'Dataset', 'cache_dir', 'mirror_dir', 'sha256sum', 'FetchError', 'ChecksumError',
+__all__ = ['DATASETS', 'RemoteFile', 'Dataset', 'cache_dir', 'mirror_dir', 'env_flag', 'sha256sum', 'FetchError', 'ChecksumError',
            'write_atomic', 'TooLargeError', 'copy_capped', 'download', 'copy_from_mirror', 'fetch_file', 'fetch']
 
 # %% ../nbs/00_data.ipynb #864b1b2c
@@ -86,6 +86,11 @@ def mirror_dir() -> Path | None:
         raise FetchError(f"LLM_SCRATCH_DATA={d!r} is not a folder; point it at the folder that holds the "
                          "mirrored files, or unset it to download them")
     return path
+
+# %% ../nbs/00_data.ipynb #5458121d
+def env_flag(name: str, env: dict = os.environ) -> bool:
+    "Whether environment variable `name` is set to a true value (1, true or yes), as launchers and tools write them."
+    return env.get(name, "").lower() in ("1", "true", "yes")
 
 # %% ../nbs/00_data.ipynb #b5be9a75
 def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

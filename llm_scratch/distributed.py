@@ -21,13 +21,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
+from .data import env_flag
 from .model import GPTConfig, GPTModel
 from .tokens import RunError
 
 # %% auto #0
-__all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'env_flag', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model',
-           'grad_sync', 'sum_over_processes', 'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel',
-           'tensor_parallel', 'full_model', 'free_port']
+__all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync',
+           'sum_over_processes', 'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
+           'full_model', 'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -39,10 +40,6 @@ def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
             "optimizer": n_params * optim_bytes * share}
 
 # %% ../nbs/06c_distributed.ipynb #16d388f3
-def env_flag(name: str, env: dict = os.environ) -> bool:
-    "Whether environment variable `name` is set to a true value (1, true or yes), as launchers write them."
-    return env.get(name, "").lower() in ("1", "true", "yes")
-
 def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = None, strategy: str = "ddp"):
     "The `Accelerator` of this process: it joins the process group a launcher set up, on GPU or CPU."
     from accelerate import Accelerator

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .data import DATASETS, FetchError, write_atomic
+from .data import DATASETS, FetchError, env_flag, write_atomic
 from .tokens import RunError, WindowSampler, load_tokens, token_file
 from .model import PRESETS, GPTConfig, GPTModel, num_params
 from .generate import load_for_generation
@@ -32,7 +32,7 @@ from .weights import CheckpointError
 from .pretrain import calc_loss_batch, warmup_cosine
 from .hardware import MALLOC_TIP, bf16_native, peak_flops, tune_malloc
 from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
-from .distributed import (_local, any_failed, env_flag, full_model, grad_sync, holdings, make_accelerator,
+from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import (ChecksumError, FetchError, RemoteFile, cache_dir, fetch, fetch_file, mirror_dir, sha256sum,
+from .data import (ChecksumError, FetchError, RemoteFile, cache_dir, env_flag, fetch, fetch_file, mirror_dir, sha256sum,
                    write_atomic)
 from .model import PRESETS, GPTConfig, GPTModel
 from .text import EOT_ID, CharTokenizer, gpt2_tokenizer
@@ -165,7 +165,7 @@ def fetch_checkpoint(name: str, progress: bool = True) -> Path:
 def _from_hub(ck: Checkpoint) -> Path:
     "`model.safetensors` of `ck.repo` through huggingface_hub: its shared cache, resumable downloads, HF_* settings."
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = env_flag("HF_HUB_OFFLINE")
     try:
         if not offline: get_hf_file_metadata(hf_hub_url(ck.repo, "model.safetensors"), retry_on_errors=False)  # fail fast
         return Path(hf_hub_download(ck.repo, "model.safetensors", local_files_only=offline))
