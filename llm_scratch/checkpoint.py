@@ -11,6 +11,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -29,7 +31,7 @@ from .data import FetchError, sha256sum, write_atomic
 from .model import GPTConfig, GPTModel
 from .pretrain import rng_state, set_rng_state
 from .tokens import RunError
-from .distributed import _local, any_failed
+from .distributed import ZeroOptimizer, _local, any_failed
 
 # %% auto #0
 __all__ = ['save_state', 'CheckpointDamaged', 'check_checkpoint', 'load_state', 'step_of', 'checkpoints', 'usable_checkpoint',
@@ -51,6 +53,19 @@ def _unshared(sd: dict) -> dict:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen: seen.add(key); out[k] = v
     return out
+
+def _train_state(model, optimizer) -> tuple[dict, Callable[[], None]]:
+    "What DCP saves of a model and its optimiser, in this process's layout, and a function that applies a loaded one."
+    if isinstance(optimizer, ZeroOptimizer):  # ZeRO-1/2: whole parameters, the optimiser state in flat slices
+        msd = get_model_state_dict(model)
+        state = {"model": _unshared(msd), "optimizer": {"state": optimizer.sharded_state()}}  # the state loads in place
+        return state, lambda: set_model_state_dict(model, msd)
+    opts = _state_options(model)
+    msd, osd = get_state_dict(model, optimizer, options=opts)  # templates in this process's layout (DCP reshards into them)
+    state = {"model": _unshared(msd), "optimizer": {"state": osd["state"]}}
+    def apply(): set_state_dict(model, optimizer, model_state_dict=msd, options=opts,
+                                optim_state_dict={"state": state["optimizer"]["state"], "param_groups": osd["param_groups"]})
+    return state, apply
 
 def _rng_tensors(state: dict) -> tuple[dict, dict]:
     "`rng_state()` as tensors and string metadata: what a safetensors file holds."
@@ -91,11 +106,10 @@ def save_state(folder: str | os.PathLike, model, optimizer, meta: dict, accelera
         if main: shutil.rmtree(tmp, ignore_errors=True); (tmp / "rng").mkdir(parents=True)
 
     def write():  # every process: its shards, its random generators
-        msd, osd = get_state_dict(model, optimizer, options=_state_options(model))
+        state, _ = _train_state(model, optimizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is fine
-            dcp.save({"model": _unshared(msd), "optimizer": {"state": osd["state"]}},
-                     storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+            dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
         tensors, rng_meta = _rng_tensors(rng_state())
         write_atomic(tmp / "rng" / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p), rng_meta))
 
@@ -135,14 +149,11 @@ def load_state(folder: str | os.PathLike, model, optimizer, accelerator=None, ch
     folder = Path(folder)
     meta = check_checkpoint(folder) if check else json.loads((folder / "meta.json").read_text())
     rank = accelerator.process_index if accelerator else 0
-    opts = _state_options(model)
-    msd, osd = get_state_dict(model, optimizer, options=opts)  # templates in this process's layout (DCP reshards into them)
-    state = {"model": _unshared(msd), "optimizer": {"state": osd["state"]}}
+    state, apply = _train_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))  # safetensors only: nothing unpickled
-    set_state_dict(model, optimizer, model_state_dict=msd, options=opts,
-                   optim_state_dict={"state": state["optimizer"]["state"], "param_groups": osd["param_groups"]})
+    apply()
     rng = folder / "rng" / f"rank{rank}.safetensors"
     if rng.is_file():
         with safe_open(str(rng), "pt") as f: set_rng_state(_rng_from({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))

@@ -9,10 +9,13 @@ import contextlib
 import hashlib
 import os
 import warnings
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .hardware import require_torch
 require_torch()  # before the imports below, which need a recent torch: a clear message instead of an ImportError
@@ -27,8 +30,8 @@ from .tokens import RunError
 
 # %% auto #0
 __all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync',
-           'sum_over_processes', 'any_failed', 'holdings', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
-           'full_model', 'free_port']
+           'sum_over_processes', 'any_failed', 'holdings', 'ZeroOptimizer', 'private_tp_apis', 'HeadwiseParallel',
+           'tensor_parallel', 'full_model', 'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -51,10 +54,10 @@ def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = No
     return Accelerator(cpu=cpu, mixed_precision="no",  # mixed precision: our torch.autocast, see `--precision`
                        log_with=None if report_to == "none" else report_to, project_dir=out)  # experiment tracking
 
-def wrap_model(model: GPTModel, strategy: str, accelerator) -> torch.nn.Module:
+def wrap_model(model: GPTModel, strategy: str, accelerator, zero: int = 0) -> torch.nn.Module:
     "`model` on this process's device, wrapped for `strategy` when there are several processes."
     model = model.to(accelerator.device)
-    if accelerator.num_processes == 1: return model
+    if accelerator.num_processes == 1 or zero in (1, 2): return model  # ZeRO-1/2: `ZeroOptimizer` communicates
     if strategy == "ddp": return accelerator.prepare_model(model)  # DistributedDataParallel
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -101,9 +104,100 @@ def holdings(model: torch.nn.Module, optimizer) -> dict:
     h = hashlib.sha256()
     for p in params: h.update(p.cpu().float().numpy().tobytes())
     grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+    counted, own = {g.untyped_storage().data_ptr() for g in grads}, {id(p) for p in model.parameters()}
+    grads += [p.grad for g in optimizer.param_groups for p in g["params"]  # an optimiser's own parameters (ZeRO's
+              if id(p) not in own and p.grad is not None and p.grad.untyped_storage().data_ptr() not in counted]  # slices)
     state = [_local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     return {"parameters": sum(p.numel() for p in params), "gradients": sum(g.numel() for g in grads),
             "optimizer_state": sum(v.numel() for v in state), "fingerprint": h.hexdigest()[:16]}
+
+# %% ../nbs/06c_distributed.ipynb #b104298e
+class ZeroOptimizer:
+    "An optimiser of which each of N data-parallel processes steps 1/N: ZeRO stage 1 (its state sharded) or 2 (gradients too)."
+    def __init__(self, groups: list[dict], make: Callable[[list[dict]], torch.optim.Optimizer], stage: int = 1, group=None):
+        if stage not in (1, 2): raise ValueError(f"ZeroOptimizer shards stage 1 or 2, got {stage!r}; stage 3 is FSDP")
+        self.stage, self.group = stage, group
+        self.world, self.rank = (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
+        self.flats, inner = [], []
+        for g in groups:  # one flat vector per parameter group, the model's parameters views into it
+            params = list(g["params"])
+            if not params: continue
+            n = sum(p.numel() for p in params)
+            per = -(-n // self.world)  # this process's slice: ceil(n / N) elements (the last slice padded with zeros)
+            flat = torch.zeros(per * self.world, dtype=params[0].dtype, device=params[0].device)
+            off = 0
+            for p in params:
+                flat[off:off + p.numel()].copy_(p.detach().flatten())
+                p.data = flat[off:off + p.numel()].view_as(p); off += p.numel()
+            piece = nn.Parameter(flat[self.rank * per:(self.rank + 1) * per])  # a view: stepping it steps the model
+            self.flats.append(SimpleNamespace(params=params, n=n, per=per, flat=flat, piece=piece, grads=None))
+            inner.append({**g, "params": [piece]})
+        self.optimizer = make(inner)
+
+    @property
+    def param_groups(self) -> list[dict]: return self.optimizer.param_groups
+    @property
+    def state(self): return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True):
+        for f in self.flats:
+            f.piece.grad, f.grads = None, None
+            for p in f.params: p.grad = None
+
+    def reduce_gradients(self):
+        "Average the processes' gradients: all of them into every process (stage 1), or only its slice (stage 2)."
+        for f in self.flats:
+            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in f.params])
+            g = F.pad(g, (0, f.flat.numel() - f.n))
+            lo = self.rank * f.per
+            if self.stage == 1:
+                if self.world > 1: dist.all_reduce(g, group=self.group)
+                g /= self.world
+                off = 0
+                for p in f.params: p.grad = g[off:off + p.numel()].view_as(p); off += p.numel()
+                f.grads, f.piece.grad = g, g[lo:lo + f.per]
+            else:
+                mine = torch.empty(f.per, dtype=g.dtype, device=g.device)
+                if self.world > 1: dist.reduce_scatter_tensor(mine, g, group=self.group)
+                else: mine.copy_(g)
+                mine /= self.world
+                for p in f.params: p.grad = None  # the whole gradient is freed; only this process's slice is kept
+                f.grads = f.piece.grad = mine
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        "Scale the (reduced) gradients so that their total norm is at most `max_norm`; returns the norm before clipping."
+        sq = sum(f.piece.grad.double().pow(2).sum() for f in self.flats)
+        if self.world > 1: dist.all_reduce(sq, group=self.group)  # the slices are disjoint: their squares add up
+        norm = sq.sqrt().float()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for f in self.flats: f.grads.mul_(coef.to(f.grads.dtype))
+        return float(norm)
+
+    def step(self):
+        "Update this process's slice, then all-gather the slices so that every process holds the whole model again."
+        self.optimizer.step()
+        for f in self.flats:
+            if self.world > 1: dist.all_gather_into_tensor(f.flat, f.piece.detach().clone(), group=self.group)
+
+    def sharded_state(self) -> dict:
+        "The optimiser state as slices of one flat vector per group (DTensors), for torch.distributed.checkpoint."
+        from torch.distributed.tensor import Shard
+        mesh = None
+        if self.world > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+            mesh = DeviceMesh.from_group(self.group or dist.group.WORLD, self.flats[0].flat.device.type)
+        out = {}
+        for i, f in enumerate(self.flats):
+            st = self.optimizer.state[f.piece]
+            if not st:  # before the first step: zeros, for a checkpoint to load into
+                st.update(step=torch.zeros((), dtype=torch.float32, device=f.flat.device),
+                          exp_avg=torch.zeros_like(f.piece), exp_avg_sq=torch.zeros_like(f.piece))
+            real = max(0, min(f.per, f.n - self.rank * f.per))  # the padding is not saved
+            for k, v in st.items():
+                if v.dim() == 0: out[f"group{i}.{k}"] = v; continue
+                out[f"group{i}.{k}"] = v[:real] if mesh is None else DTensor.from_local(
+                    v[:real], mesh, [Shard(0)], run_check=False, shape=torch.Size([f.n]), stride=(1,))
+        return out
 
 # %% ../nbs/06c_distributed.ipynb #a67feabf
 TP_TESTED_TORCH = ((2, 13), (2, 13))  # the torch releases (major, minor) on which the private APIs below were tested

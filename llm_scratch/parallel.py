@@ -159,17 +159,19 @@ def _batch(cfg: GPTConfig, batch: int, seed: int) -> tuple[torch.Tensor, torch.T
     return tuple(torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=g) for _ in range(2))
 
 @check
-def memory_check(strategies: Sequence[str] = ("ddp", "fsdp", "tp"), batch: int = 2) -> dict:
+def memory_check(strategies: Sequence[str] = ("ddp", "zero1", "zero2", "fsdp", "tp"), batch: int = 2) -> dict:
     "Bytes of parameters, gradients and AdamW state this process holds after one step under each strategy."
     acc, cfg = make_accelerator(), _check_config()
     out = {"rank": acc.process_index, "world": acc.num_processes, "n_params": count_params(cfg),
            "tp_sharded": tp_sharded_params(cfg)}
     for strategy in strategies:
         torch.manual_seed(0)
-        model = wrap_model(GPTModel(cfg), strategy, acc)
-        opt = make_optimizer(model, 1e-3)
+        zero = {"zero1": 1, "zero2": 2}.get(strategy, 0)  # ZeRO-1/2: data parallel, the optimiser sharded
+        model = wrap_model(GPTModel(cfg), "ddp" if zero else strategy, acc, zero)
+        opt = make_optimizer(model, 1e-3, zero=zero)
         seed = 0 if strategy == "tp" else 1 + acc.process_index  # tensor parallel: the same batch everywhere
         calc_loss_batch(*_batch(cfg, batch, seed), model, acc.device).backward()
+        if zero: opt.reduce_gradients(); out["zero_groups"] = [f.n for f in opt.flats]
         opt.step()
         assert all(p.dtype == torch.float32 for p in model.parameters())
         held = holdings(model, opt)

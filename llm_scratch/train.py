@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -32,7 +33,7 @@ from .weights import CheckpointError
 from .pretrain import calc_loss_batch, warmup_cosine
 from .hardware import MALLOC_TIP, bf16_native, peak_flops, tune_malloc
 from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
-from .distributed import (_local, any_failed, full_model, grad_sync, holdings, make_accelerator,
+from .distributed import (ZeroOptimizer, _local, any_failed, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
@@ -73,6 +74,9 @@ class LoopConfig:
     strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N) or tp (tensor "
                          "parallel: all processes read the same batch, each holds 1/N of every block)",
                          choices=["ddp", "fsdp", "tp"])
+    zero: int = _opt(0, "ZeRO stage of data parallelism: 0 (every process holds everything), 1 (each holds 1/N of the "
+                     "optimiser state), 2 (and of the gradients), 3 (and of the parameters: --strategy fsdp)",
+                     choices=[0, 1, 2, 3])
     seed: int = _opt(1337, "seeds the initial weights, the data order and dropout")
     compile: str = _opt("auto", "torch.compile the model: on, off, or auto (on for a GPU; off on a CPU, where the first "
                         "compile costs more than it saves in most runs); config.json records the choice",
@@ -92,6 +96,11 @@ class LoopConfig:
 
     def __post_init__(self):
         if isinstance(self.compile, bool): self.compile = "on" if self.compile else "off"  # `compile = true` in a TOML file
+        if self.zero == 3 and self.strategy == "ddp": self.strategy = "fsdp"  # ZeRO-3 is FSDP
+        if self.strategy == "fsdp" and self.zero == 0: self.zero = 3
+        if (self.strategy == "fsdp") != (self.zero == 3) or (self.strategy == "tp" and self.zero):
+            raise ValueError(f"--zero {self.zero} does not go with --strategy {self.strategy}: ZeRO 1 and 2 shard a "
+                             "data-parallel (ddp) run, and ZeRO 3 is fsdp")
         for f in dataclasses.fields(self):
             v, kind = getattr(self, f.name), f.metadata.get("type", type(f.default))
             if v is None and f.default is None: continue
@@ -236,14 +245,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 # %% ../nbs/07_train.ipynb #4d805422
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                   fused: bool | None = None) -> torch.optim.AdamW:
-    "AdamW with weight decay on parameters of 2 or more dimensions only; fused where PyTorch has the kernel."
+                   fused: bool | None = None, zero: int = 0) -> torch.optim.Optimizer:
+    "AdamW with weight decay on parameters of 2 or more dimensions only; fused where PyTorch has the kernel; sharded for `zero` 1|2."
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if fused is None:  # the fused kernel refuses a mix of DTensor shards and plain tensors (tensor parallelism)
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and len({isinstance(p, DTensor) for p in params}) < 2
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    adamw = lambda groups: torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return ZeroOptimizer(groups, adamw, zero) if zero in (1, 2) else adamw(groups)
 
 # %% ../nbs/07_train.ipynb #3843e3ed
 def autocast(device: torch.device, precision: str):
@@ -332,8 +342,11 @@ def train_step(model, optimizer, task: Task, step: int, lr: float, precision: st
             with autocast(task.device, precision): loss = task.loss(forward, b)
             (loss / share).backward()
         loss_sum += loss.detach()
+    if isinstance(optimizer, ZeroOptimizer): optimizer.reduce_gradients()  # ZeRO-1/2: the optimiser communicates
     norm = None
-    if grad_clip > 0: norm = clip_grad_norm(model.parameters(), grad_clip)
+    if grad_clip > 0:
+        clip = optimizer.clip_grad_norm if isinstance(optimizer, ZeroOptimizer) else partial(clip_grad_norm, model.parameters())
+        norm = clip(grad_clip)
     optimizer.step()
     return loss_sum / share, norm
 
@@ -368,6 +381,9 @@ def check_out(out: Path, cfg: LoopConfig, global_batch: int | None = None) -> tu
     meta = json.loads((ckpt / "meta.json").read_text())
     saved = meta["config"]
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in cfg.RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    was = saved.get("zero", 3 if saved.get("strategy") == "fsdp" else 0)  # (runs saved before --zero existed)
+    if (was in (1, 2)) != (cfg.zero in (1, 2)):  # per-parameter state (0, 3) or one flat vector per group (1, 2)
+        changed.append(f"zero: {was} -> {cfg.zero}, which lays out the optimiser state differently")
     if global_batch is not None and global_batch != meta["global_batch"]:  # processes x batch-size x grad-accum
         changed.append(f"global batch: {meta['global_batch']} -> {global_batch}")
     if changed: raise RunError(f"cannot resume {ckpt} with other settings ({'; '.join(changed)}); "
@@ -426,8 +442,8 @@ def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
 def launch_run(cfg: LoopConfig, acc, model: torch.nn.Module, task: Task, record: dict, ckpt: Path | None,
                max_steps: int, rank: int = 0) -> Run:
     "Wrap `model` for the strategy, make its optimiser, restore `ckpt` if resuming, and write the run folder."
-    model = wrap_model(model, cfg.strategy, acc)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    model = wrap_model(model, cfg.strategy, acc, cfg.zero)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, zero=cfg.zero)
     forward = torch.compile(model) if cfg.compile == "on" else model
     _seed_all(cfg.seed + 1 + rank)  # a different dropout stream per data-parallel rank
     run = Run(cfg, acc, task, model, optimizer, forward, max_steps, record)
@@ -498,7 +514,7 @@ def start_run(cfg: TrainConfig, acc) -> Run:
     run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps, dp_rank)
     if acc.is_main_process:
         print(f"{cfg.init or cfg.model}: {mcfg.n_layers} blocks x {mcfg.emb_dim}, {mcfg.n_heads} heads, context {ctx}, "
-              f"{record['parameters']:,} parameters; {world} process(es), {cfg.strategy}, {cfg.precision}, {acc.device}; "
+              f"{record['parameters']:,} parameters; {world} process(es), {cfg.strategy}{f', ZeRO-{cfg.zero}' if cfg.zero else ''}, {cfg.precision}, {acc.device}; "
               f"{len(train_tokens):,} training tokens; " +
               (f"resuming at step {run.step}" if ckpt else f"starting from {cfg.init}" if cfg.init else "from scratch"))
     return run
@@ -534,10 +550,10 @@ def finish_run(run: Run, speeds: list[float]) -> dict | None:
     data = run.record["data"]
     save_tokenizer(out / "final", data["tokenizer"], data.get("chars"), final.cfg.context_length)  # a complete HF folder
     rows = read_metrics(out)
-    procs = "1 process" if world == 1 else f"{world} processes, {run.cfg.strategy}"
+    procs = "1 process" if world == 1 else f"{world} processes, {run.cfg.strategy}" + (f" ZeRO-{run.cfg.zero}" if run.cfg.zero in (1, 2) else "")
     plot_metrics(rows, out / "loss.png", f"{run.cfg.model} on {Path(run.cfg.data).name}, {procs}")
     vals, mfus = [r["val_loss"] for r in rows if r.get("val_loss") is not None], [r["mfu"] for r in rows if r.get("mfu")]
-    summary = {"world_size": world, "strategy": run.cfg.strategy, "precision": run.cfg.precision, "steps": run.step,
+    summary = {"world_size": world, "strategy": run.cfg.strategy, "zero": run.cfg.zero, "precision": run.cfg.precision, "steps": run.step,
                "tokens_seen": run.task.position(run.step)["tokens"], "parameters": run.record["parameters"],
                "final_loss": rows[-1]["loss"] if rows else None, "final_val_loss": vals[-1] if vals else None,
                "tokens_per_s": float(np.median(speeds[1:] or speeds)) if speeds else None,

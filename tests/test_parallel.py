@@ -52,8 +52,13 @@ def test_held_bytes_match_the_prediction():
     n, w, s = ranks[0]["n_params"], ranks[0]["world"], ranks[0]["tp_sharded"]
     assert w == 2 and s == tp_sharded_params(GPTConfig.from_preset("tiny", vocab_size=512, context_length=32))
     tp = n - s + s / w
-    want = {"ddp": zero_parts(n, w, 0, 8, 4, 4), "fsdp": zero_parts(n, w, 3, 8, 4, 4),
+    want = {"ddp": zero_parts(n, w, 0, 8, 4, 4), "zero1": zero_parts(n, w, 1, 8, 4, 4),
+            "zero2": zero_parts(n, w, 2, 8, 4, 4), "fsdp": zero_parts(n, w, 3, 8, 4, 4),
             "tp": {"parameters": 4 * tp, "gradients": 4 * tp, "optimizer": 8 * tp}}
+    groups = ranks[0]["zero_groups"]
+    assert sum(groups) == n and len(groups) == 2  # ZeRO's flat vectors: matrices (decayed) and vectors
+    pad = sum(-(-g // w) for g in groups) - n / w  # each slice rounded up to a whole element
+    want["zero1"]["optimizer"] += 8 * pad; want["zero2"]["optimizer"] += 8 * pad; want["zero2"]["gradients"] += 4 * pad
     for r in ranks:
         for strategy, pred in want.items():
             held = r[strategy]

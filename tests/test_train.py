@@ -166,6 +166,41 @@ def test_fsdp_shards_and_matches_one_process(env, tmp_path):
     assert (params(load_gpt2(res / "final")) - fsdp).abs().max() < 1e-4
 
 
+def test_zero_1_and_2_match_one_process_hold_their_slice_and_resume_exactly(env, tmp_path):
+    common = BASE + ["--max-steps", "6", "--dropout", "0", "--save-every", "3"]
+    run(env, common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    one = params(load_gpt2(tmp_path / "one" / "final"))
+    for stage in (1, 2):
+        out = tmp_path / f"zero{stage}"
+        run(env, common + ["--batch-size", "2", "--zero", str(stage), "--out", str(out)], nproc=2)
+        a, b = losses(out), losses(tmp_path / "one")
+        z = params(load_gpt2(out / "final"))
+        print(f"ZeRO-{stage} vs one process: loss {max(abs(a[s] - b[s]) for s in a):.1e}, params {(z - one).abs().max():.1e}")
+        assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 1e-5
+        assert (z - one).abs().max() < 1e-5
+        summary = json.loads((out / "run.json").read_text())
+        n, ranks = summary["parameters"], summary["ranks"]
+        assert summary["zero"] == stage and len({r["fingerprint"] for r in ranks}) == 1  # the replicas agree
+        for r in ranks:  # whole parameters; AdamW's two moments for half of them; under stage 2 half the gradients
+            assert (r["parameters"], r["gradients"], r["optimizer_state"]) == (n, n // stage, n), r
+        assert torch.equal(params(load_trained(out)), z)  # the checkpoint's model is an ordinary one
+    # resume from step 3: in the same layout, and ZeRO-2's checkpoint of 2 processes in 1 process (ZeRO-1, 2 micro-steps)
+    for name, extra, nproc in [("same", ["--batch-size", "2", "--zero", "2"], 2),
+                               ("one", ["--batch-size", "2", "--grad-accum", "2", "--zero", "1"], 1)]:
+        res = tmp_path / f"resumed-{name}"
+        shutil.copytree(tmp_path / "zero2", res)
+        for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
+            shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
+        (res / "checkpoints" / "latest").write_text("step_000003")
+        run(env, common + extra + ["--out", str(res), "--resume"], nproc=nproc)
+        a, b = losses(res), losses(tmp_path / "zero2")
+        d = (params(load_gpt2(res / "final")) - params(load_gpt2(tmp_path / "zero2" / "final"))).abs().max()
+        if name == "same": assert a == b and d == 0  # bit for bit
+        else: assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) for s in a) < 1e-6 and d < 1e-6, (a, b, d)  # sums in another order
+    p = run(env, common + ["--batch-size", "2", "--out", str(tmp_path / "zero2"), "--resume"], check=False)
+    assert p.returncode == 2 and "zero: 2 -> 0" in p.stderr  # a per-parameter optimiser cannot read the slices
+
+
 def test_grad_accum_on_two_processes_equals_a_four_times_batch(env, tmp_path):
     common = BASE + ["--max-steps", "3", "--dropout", "0", "--grad-clip", "0"]
     run(env, common + ["--batch-size", "1", "--grad-accum", "2", "--out", str(tmp_path / "acc")], nproc=2)
@@ -181,12 +216,14 @@ def test_command_line_errors_are_clear(env, tmp_path):
     p = run(env, ["--help"])
     for opt in ("--model", "--data", "--tokenizer", "--context-length", "--batch-size", "--grad-accum", "--lr",
                 "--warmup", "--max-steps", "--eval-every", "--save-every", "--log-every", "--out", "--resume",
-                "--precision", "--strategy", "--seed", "--compile", "--config", "MALLOC_MMAP_MAX_"):
+                "--precision", "--strategy", "--zero", "--seed", "--compile", "--config", "MALLOC_MMAP_MAX_"):
         assert opt in p.stdout, opt
     p = run(env, ["--batch-size", "0"], check=False)
     assert p.returncode == 2 and "batch_size must be at least 1" in p.stderr
     p = run(env, ["--precision", "fp16"], check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = run(env, ["--zero", "1", "--strategy", "tp"], check=False)
+    assert p.returncode == 2 and "--zero 1 does not go with --strategy tp" in p.stderr
     p = run(env, ["--data", "the-verdict", "--context-length", "512", "--batch-size", "64",
                   "--out", str(tmp_path / "small")], check=False)
     assert p.returncode == 2 and "corpus is too small" in p.stderr and "Traceback" not in p.stderr
