@@ -151,6 +151,7 @@ bench: $(STAMP)
 	  $(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "$(LLMS_FROM_SCRATCH)"; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_small.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 200 --no-profile,)
+	$(BIN)/python bench/bench_parallel.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 20 --out /tmp/llm_scratch_parallel.json,)
 
 clean:
 	rm -rf _book/_build _proc _docs

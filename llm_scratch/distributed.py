@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .hardware import require_torch
 require_torch()  # before the imports below, which need a recent torch: a clear message instead of an ImportError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
@@ -29,9 +30,10 @@ from .model import GPTConfig, GPTModel
 from .tokens import RunError
 
 # %% auto #0
-__all__ = ['TP_TESTED_TORCH', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync',
-           'sum_over_processes', 'any_failed', 'holdings', 'ZeroOptimizer', 'private_tp_apis', 'HeadwiseParallel',
-           'tensor_parallel', 'full_model', 'free_port']
+__all__ = ['TP_TESTED_TORCH', 'PIPELINE_SCHEDULES', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate',
+           'core_model', 'grad_sync', 'sum_over_processes', 'any_failed', 'holdings', 'ZeroOptimizer',
+           'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel', 'Stage', 'stage_flops', 'balanced_cuts',
+           'split_stages', 'pipeline_parallel', 'pipeline_step', 'average_gradients', 'full_model', 'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -54,17 +56,24 @@ def make_accelerator(report_to: str = "none", out: str | os.PathLike | None = No
     return Accelerator(cpu=cpu, mixed_precision="no",  # mixed precision: our torch.autocast, see `--precision`
                        log_with=None if report_to == "none" else report_to, project_dir=out)  # experiment tracking
 
-def wrap_model(model: GPTModel, strategy: str, accelerator, zero: int = 0) -> torch.nn.Module:
+def wrap_model(model: GPTModel, strategy: str, accelerator, zero: int = 0, n_micro: int = 1, schedule: str = "1f1b",
+               mp_size: int | None = None) -> torch.nn.Module:
     "`model` on this process's device, wrapped for `strategy` when there are several processes."
     model = model.to(accelerator.device)
-    if accelerator.num_processes == 1 or zero in (1, 2): return model  # ZeRO-1/2: `ZeroOptimizer` communicates
+    world = accelerator.num_processes
+    if world == 1 or zero in (1, 2): return model  # ZeRO-1/2: `ZeroOptimizer` communicates
     if strategy == "ddp": return accelerator.prepare_model(model)  # DistributedDataParallel
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    if strategy == "tp": return tensor_parallel(model, mesh)
-    for block in model.blocks: fully_shard(block, mesh=mesh)  # one all-gather per block
-    return fully_shard(model, mesh=mesh)  # embeddings, final norm, the tied head
+    if strategy == "fsdp":
+        mesh = init_device_mesh(accelerator.device.type, (world,))
+        for block in model.blocks: fully_shard(block, mesh=mesh)  # one all-gather per block
+        return fully_shard(model, mesh=mesh)  # embeddings, final norm, the tied head
+    mp = mp_size or world  # tp or pp: groups of `mp` processes, `world / mp` of them side by side (data parallel)
+    mesh = init_device_mesh(accelerator.device.type, (world // mp, mp), mesh_dim_names=("dp", strategy))
+    if strategy == "tp": model = tensor_parallel(model, mesh["tp"])
+    else: model = pipeline_parallel(model, n_micro, schedule, accelerator.device, mesh)
+    model.dp_group = mesh["dp"].get_group() if world > mp else None  # `average_gradients` over it, after backward
+    return model
 
 def reset_accelerate():
     "Forget accelerate's process-wide state (as `notebook_launcher` requires before it starts processes)."
@@ -240,10 +249,131 @@ def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
         block.att.shard_heads(n)  # this process's heads
     return model
 
+# %% ../nbs/06c_distributed.ipynb #2ce44ee7
+class Stage(nn.Module):
+    "Blocks `start:stop` of a `GPTModel`, with the embeddings on the first stage and the head on the last, under the model's names."
+    def __init__(self, model: GPTModel, start: int, stop: int):
+        super().__init__()
+        L, self.cfg = len(model.blocks), model.cfg
+        self.start, self.stop, self.first, self.last = start, stop, start == 0, stop == L
+        if self.first: self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        elif self.last and model.cfg.tie_weights: self.tok_emb = model.tok_emb  # the head's matrix, under its first name
+        self.blocks = nn.ModuleList([model.blocks[i] if start <= i < stop else nn.Identity() for i in range(L)])
+        if self.last: self.final_norm, self.out_head = model.final_norm, model.out_head
+        self.runner = self.tied = self.group = None  # the schedule, the first-and-last group, the pipeline's group
+        self.loss_scale = 1.0  # set by `pipeline_parallel` and `pipeline_step`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "Token ids (first stage) or activations in; activations or logits (last stage) out."
+        if self.first: x = GPTModel.embed(self, x)  # the model's own code, on this stage's modules
+        for block in self.blocks[self.start:self.stop]: x = block(x)
+        return GPTModel.head(self, x) if self.last else x
+
+def stage_flops(cfg: GPTConfig) -> tuple[list[float], float]:
+    "Forward FLOPs per token of each block (matrix products and attention) and of the head; the embedding is a lookup."
+    d, T = cfg.emb_dim, cfg.context_length
+    return [24 * d * d + 4 * T * d] * cfg.n_layers, 2 * d * cfg.vocab_size
+
+def balanced_cuts(block_costs: list[float], head_cost: float, n_stages: int) -> list[int]:
+    "Cut points 0 = c0 < c1 < ... < cn = L that give each stage at least one block and the cheapest costliest stage."
+    L = len(block_costs)
+    if not 1 <= n_stages <= L:
+        raise ValueError(f"cannot cut {L} blocks into {n_stages} pipeline stages; use 1 to {L} stages (processes)")
+    pre = [0.0]
+    for c in block_costs: pre.append(pre[-1] + c)
+    cost = lambda a, b: pre[b] - pre[a] + (head_cost if b == L else 0.0)
+    best = {(0, 0): (0.0, [0])}  # (stages made, blocks used) -> (costliest stage so far, cuts)
+    for k in range(1, n_stages + 1):
+        for b in range(k, L - (n_stages - k) + 1):
+            best[k, b] = min(((max(best[k - 1, a][0], cost(a, b)), best[k - 1, a][1] + [b])
+                              for a in range(k - 1, b) if (k - 1, a) in best), key=lambda t: t[0])
+    return best[n_stages, L][1]
+
+def split_stages(model: GPTModel, n_stages: int, balance: bool = True) -> list[Stage]:
+    "Cut `model` into `n_stages` stages of consecutive blocks, their FLOPs as equal as can be (head included); they share its parameters."
+    blocks, head = stage_flops(model.cfg)
+    cuts = balanced_cuts(blocks if balance else [1.0] * len(blocks), head if balance else 0.0, n_stages)
+    return [Stage(model, a, b) for a, b in zip(cuts, cuts[1:])]
+
+# %% ../nbs/06c_distributed.ipynb #d4300065
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+
+def _pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    "The mean next-token cross-entropy of one micro-batch (the last stage computes it)."
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+def pipeline_parallel(model: GPTModel, n_micro: int, schedule: str = "1f1b", device=None, mesh=None) -> Stage:
+    "This process's stage of `model`, cut along `mesh`'s 'pp' dimension (default: all processes), with its schedule."
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.device_mesh import init_device_mesh
+    device = device or torch.device("cpu")
+    if mesh is None: mesh = init_device_mesh(device.type, (1, dist.get_world_size()), mesh_dim_names=("dp", "pp"))
+    rank, n = mesh.get_local_rank("pp"), mesh["pp"].size()
+    if schedule not in PIPELINE_SCHEDULES: raise ValueError(f"schedule must be one of {PIPELINE_SCHEDULES}, got {schedule!r}")
+    if schedule == "1f1b" and n_micro < n:
+        raise ValueError(f"1F1B needs at least as many micro-batches as stages: {n_micro} < {n}; raise "
+                         "--micro-batches or use --pp-schedule gpipe")
+    stage = split_stages(model, n)[rank]
+    stage.group = mesh["pp"].get_group()
+    runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    # each micro-batch's loss / (micro-batches x scale): the gradients add up to those of the batch's mean loss / scale.
+    # (The schedule's own scale_grads would divide *all* gradients, those of earlier accumulation steps too.)
+    loss_fn = lambda logits, targets: _pipeline_loss(logits, targets) / (n_micro * stage.loss_scale)
+    stage.runner = runner(PipelineStage(stage, rank, n, device, group=stage.group), n_micro, loss_fn=loss_fn,
+                          scale_grads=False)
+    if model.cfg.tie_weights and n > 1:  # a group of the first and the last stage of each pipeline; all processes make all
+        for row in mesh.mesh.reshape(-1, n).tolist():
+            g = dist.new_group([row[0], row[-1]])
+            if dist.get_rank() in row: stage.tied = g
+    return stage
+
+def pipeline_step(stage: Stage, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, train: bool = True) -> torch.Tensor:
+    "Forward (and backward, if `train`) of a batch through the pipeline; its mean loss, in every stage."
+    losses = []
+    run = stage.runner.step if train else stage.runner.eval
+    stage.loss_scale = scale if train else 1.0
+    if stage.first: run(x)
+    elif stage.last: run(target=y, losses=losses)
+    else: run()
+    loss = torch.stack(losses).sum().detach() * stage.loss_scale if stage.last else torch.zeros((), device=x.device)
+    dist.broadcast(loss, group=stage.group, group_src=dist.get_world_size(stage.group) - 1)  # from the last stage
+    return loss
+
+def _pipeline_reduce(stage: Stage):
+    "Add the gradients of the tied matrix's two copies, on the first and the last stage."
+    if stage.tied is not None and (stage.first or stage.last) and stage.tok_emb.weight.grad is not None:
+        dist.all_reduce(stage.tok_emb.weight.grad, group=stage.tied)
+
+def _pipeline_clip(stage: Stage, max_norm: float) -> float:
+    "Clip the gradient norm of the whole model, whose parameters lie across the stages (the tied matrix counted once)."
+    params = [p for p in stage.parameters() if p.grad is not None]
+    mine = [p for p in params if not (stage.tied is not None and stage.last and p is stage.tok_emb.weight)]
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    for p in mine: sq += p.grad.double().pow(2).sum()
+    dist.all_reduce(sq, group=stage.group)  # the stages' squares add up (every pipeline of a data-parallel run agrees)
+    norm = sq.sqrt().float()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+def average_gradients(model: nn.Module, group):
+    "Average the gradients of `model` over the processes of `group`, in one all-reduce: data parallelism by hand."
+    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    off = 0
+    for g in grads: g.copy_(flat[off:off + g.numel()].view_as(g)); off += g.numel()
+
+Stage.reduce_gradients, Stage.clip_grad_norm = _pipeline_reduce, _pipeline_clip
+
 # %% ../nbs/06c_distributed.ipynb #c60427a9
 def full_model(model: torch.nn.Module, build: GPTConfig | Callable[[], nn.Module], accelerator=None) -> nn.Module | None:
     "The whole trained model, gathered from all processes, on the CPU of process 0 (None elsewhere), in eval mode."
     if accelerator is None or accelerator.num_processes == 1: sd = core_model(model).state_dict()
+    elif isinstance(model, Stage):  # each process holds some blocks: process 0 gathers them
+        parts = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        dist.gather_object({k: v.detach().cpu() for k, v in model.state_dict().items()}, parts, dst=0)
+        sd = {k: v for part in parts or [] for k, v in part.items()}
     else: sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if accelerator is not None and not accelerator.is_main_process: return None
     out = GPTModel(build) if isinstance(build, GPTConfig) else build()  # a config, or a maker of the architecture

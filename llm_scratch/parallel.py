@@ -25,14 +25,15 @@ from .attention import MultiHeadAttention
 from .model import FeedForward, GPTConfig, GPTModel
 from .pretrain import calc_loss_batch
 from .model import count_params
-from .distributed import free_port, holdings, make_accelerator, tensor_parallel, wrap_model
+from .distributed import (Stage, balanced_cuts, free_port, holdings, make_accelerator, split_stages,
+                                     stage_flops, tensor_parallel, wrap_model)
 from .train import make_optimizer
 
 # %% auto #0
 __all__ = ['CHECKS', 'check', 'launch', 'main', 'collectives_check', 'zero_parts', 'zero_memory', 'activation_memory',
            'saved_tensors', 'tp_sharded_params', 'memory_check', 'mlp_by_hand', 'head_rows', 'attention_by_hand',
-           'tp_check', 'Stage', 'split_stages', 'gpipe_timeline', 'bubble_fraction', 'pp_check', 'Plan', 'guess_shape',
-           'choose_strategy']
+           'tp_check', 'gpipe_timeline', 'bubble_fraction', 'pp_check', 'stage_params', 'predicted_bytes', 'Plan',
+           'guess_shape', 'choose_strategy']
 
 # %% ../nbs/08_parallel.ipynb #a978e4b5
 CHECKS: dict[str, Callable] = {}  # name -> function that `launch` runs in every process
@@ -238,30 +239,6 @@ def tp_check(batch: int = 2, lr: float = 1e-3, seed: int = 0) -> dict:
     out["held"] = holdings(tp, opts[1])["parameters"]
     return out
 
-# %% ../nbs/08_parallel.ipynb #1e563b71
-class Stage(nn.Module):
-    "Blocks `start:stop` of a `GPTModel`, with the embeddings if it is the first stage and the head if the last."
-    def __init__(self, model: GPTModel, start: int, stop: int):
-        super().__init__()
-        self.first, self.last = start == 0, stop == len(model.blocks)
-        self.blocks = nn.ModuleList(model.blocks[start:stop])
-        if self.first: self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
-        if self.last: self.final_norm, self.out_head = model.final_norm, model.out_head
-        self.embed, self.head = model.embed, model.head  # the model's own code, on the modules above
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        "Token ids (first stage) or activations in; activations or logits (last stage) out."
-        if self.first: x = self.embed(x)
-        for block in self.blocks: x = block(x)
-        return self.head(x) if self.last else x
-
-def split_stages(model: GPTModel, n_stages: int) -> list[Stage]:
-    "Cut `model` into `n_stages` stages of (nearly) equal numbers of blocks; they share the model's parameters."
-    L = len(model.blocks)
-    if not 1 <= n_stages <= L: raise ValueError(f"cannot cut {L} blocks into {n_stages} stages; use 1 to {L}")
-    cuts = [round(i * L / n_stages) for i in range(n_stages + 1)]
-    return [Stage(model, a, b) for a, b in zip(cuts, cuts[1:])]
-
 # %% ../nbs/08_parallel.ipynb #00759423
 def gpipe_timeline(n_stages: int, n_micro: int,
                    t_fwd: float | Sequence[float] = 1.0,  # a micro-batch's forward time: one for all stages, or one each
@@ -289,9 +266,10 @@ def bubble_fraction(events: Sequence[tuple]) -> float:
 
 # %% ../nbs/08_parallel.ipynb #f3773a97
 @check
-def pp_check(micro_batches: Sequence[int] = (1, 2, 4, 8), repeats: int = 3, batch: int = 32, seed: int = 0) -> dict:
-    "GPipe over the processes against the unsplit model (output, loss, gradients), and the timeline of each step."
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+def pp_check(micro_batches: Sequence[int] = (1, 2, 4, 8), repeats: int = 3, batch: int = 32, seed: int = 0,
+             schedule: str = "gpipe") -> dict:
+    "A pipeline schedule (gpipe or 1f1b) over the processes against the unsplit model, and the timeline of each step."
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = _check_config(n_layers=4, emb_dim=128, context_length=64)
     torch.manual_seed(seed)
@@ -306,7 +284,7 @@ def pp_check(micro_batches: Sequence[int] = (1, 2, 4, 8), repeats: int = 3, batc
     out = {"rank": rank, "params": sum(p.numel() for p in stage_mod.parameters()), "runs": {}}
     for m in micro_batches:
         stage = PipelineStage(stage_mod, rank, world, torch.device("cpu"))
-        sched = ScheduleGPipe(stage, m, loss_fn=loss_fn)  # every stage must know there is a backward pass
+        sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stage, m, loss_fn=loss_fn)  # with a loss: backward
         log = []
         def timed(fn, kind):
             def run(i, *a, **kw):
@@ -330,6 +308,30 @@ def pp_check(micro_batches: Sequence[int] = (1, 2, 4, 8), repeats: int = 3, batc
             else: runs.append(list(log))
         out["runs"][str(m)] = runs
     return out
+
+# %% ../nbs/08_parallel.ipynb #b763afad
+def stage_params(cfg: GPTConfig, n_stages: int) -> list[int]:
+    "Parameters each stage of `split_stages` holds (the first and the last both hold a tied matrix)."
+    L, d, V = cfg.n_layers, cfg.emb_dim, cfg.vocab_size
+    block = count_params(cfg.replace(n_layers=2)) - count_params(cfg.replace(n_layers=1))
+    out = []
+    for a, b in zip(*(lambda c: (c, c[1:]))(balanced_cuts(*stage_flops(cfg), n_stages))):
+        n = (b - a) * block
+        if a == 0: n += V * d + cfg.context_length * d  # token and position embeddings
+        if b == L: n += 2 * d + (0 if a == 0 and cfg.tie_weights else V * d)  # final norm and head (a tied copy, if apart)
+        out.append(n)
+    return out
+
+def predicted_bytes(strategy: str, cfg: GPTConfig, n: int, fp32: bool = True) -> float:
+    "Bytes of model states the fullest process holds under `strategy` on `n` processes (the layouts of `bench_parallel`)."
+    P, S = count_params(cfg), tp_sharded_params(cfg)
+    per = 16  # bytes per parameter: 4 + 4 + 8 in fp32, 2 + 2 + 12 in mixed precision
+    zero = lambda stage: zero_memory(P, n, stage, *((8, 4, 4) if fp32 else ()))
+    table = {"DDP": lambda: zero(0), "ZeRO-1": lambda: zero(1), "ZeRO-2": lambda: zero(2), "FSDP (ZeRO-3)": lambda: zero(3),
+             "tensor parallel": lambda: per * (P - S + S / n), "pipeline, 1F1B": lambda: per * max(stage_params(cfg, n)),
+             "tensor 2 x data 2": lambda: per * (P - S + S / 2), "pipeline 2 x data 2": lambda: per * max(stage_params(cfg, 2))}
+    if strategy not in table: raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(table)}")
+    return table[strategy]()
 
 # %% ../nbs/08_parallel.ipynb #bca7fbe3
 @dataclass

@@ -15,7 +15,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -33,16 +32,16 @@ from .weights import CheckpointError
 from .pretrain import calc_loss_batch, warmup_cosine
 from .hardware import MALLOC_TIP, bf16_native, peak_flops, tune_malloc
 from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
-from .distributed import (ZeroOptimizer, _local, any_failed, full_model, grad_sync, holdings, make_accelerator,
+from .distributed import (PIPELINE_SCHEDULES, Stage, ZeroOptimizer, average_gradients, pipeline_step, _local, any_failed, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
 # %% auto #0
 __all__ = ['TRACKERS', 'SHAPE_OPTIONS', 'LoopConfig', 'TrainConfig', 'model_config', 'settle_auto', 'add_options', 'build_parser',
            'read_toml', 'launcher_settings', 'config_from', 'parse_args', 'make_optimizer', 'autocast', 'validate',
-           'Task', 'Pretraining', 'clip_grad_norm', 'train_step', 'run_command', 'check_out_folder', 'check_out', 'Run',
-           'start_folder', 'launch_run', 'resume_point', 'initial_weights', 'start_run', 'save_run', 'finish_run',
-           'Diverged', 'fit', 'train', 'run_report', 'main']
+           'Task', 'Pretraining', 'clip_grad_norm', 'sync_gradients', 'clip_gradients', 'train_step', 'run_command',
+           'check_out_folder', 'check_out', 'Run', 'start_folder', 'launch_run', 'resume_point', 'initial_weights',
+           'model_parallel', 'start_run', 'save_run', 'finish_run', 'Diverged', 'fit', 'train', 'run_report', 'main']
 
 # %% ../nbs/07_train.ipynb #2238d5e4
 def _opt(default, help: str, **kw):
@@ -71,9 +70,18 @@ class LoopConfig:
     resume: bool = _opt(False, "continue from the newest intact checkpoint in --out (start afresh if --out is empty)")
     precision: str = _opt("auto", "auto (bf16 where the device computes it natively, else fp32), fp32, or bf16 "
                           "autocast; config.json records the choice", choices=["auto", "fp32", "bf16"])
-    strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N) or tp (tensor "
-                         "parallel: all processes read the same batch, each holds 1/N of every block)",
-                         choices=["ddp", "fsdp", "tp"])
+    strategy: str = _opt("ddp", "ddp (a full copy per process), fsdp (each process holds 1/N), tp (tensor "
+                         "parallel: all processes read the same batch, each holds 1/N of every block) or pp (pipeline: "
+                         "each process holds consecutive blocks; the batch flows through them in micro-batches)",
+                         choices=["ddp", "fsdp", "tp", "pp"])
+    tp_size: int | None = _opt(None, "processes per tensor-parallel group under --strategy tp (default: all); the "
+                               "groups side by side are data parallel: 4 processes, --tp-size 2 is 2 x 2", type=int, min=1)
+    pp_size: int | None = _opt(None, "pipeline stages under --strategy pp (default: all processes); the pipelines side "
+                               "by side are data parallel", type=int, min=1)
+    micro_batches: int | None = _opt(None, "pipeline micro-batches per batch under --strategy pp, a divisor of "
+                                     "--batch-size (default: one per stage)", type=int, min=1)
+    pp_schedule: str = _opt("1f1b", "the pipeline's schedule: gpipe (all forwards, then all backwards) or 1f1b (one "
+                            "forward, one backward: fewer activations held)", choices=list(PIPELINE_SCHEDULES))
     zero: int = _opt(0, "ZeRO stage of data parallelism: 0 (every process holds everything), 1 (each holds 1/N of the "
                      "optimiser state), 2 (and of the gradients), 3 (and of the parameters: --strategy fsdp)",
                      choices=[0, 1, 2, 3])
@@ -92,15 +100,24 @@ class LoopConfig:
     MIN_LR_FRACTION: ClassVar[float] = 0.1  # the default min_lr, as a fraction of lr
 
     @property
+    def mp_size(self) -> int | None: return self.tp_size if self.strategy == "tp" else self.pp_size  # None: all processes
+
+    @property
     def final_lr(self) -> float: return self.lr * self.MIN_LR_FRACTION if self.min_lr is None else self.min_lr
 
     def __post_init__(self):
         if isinstance(self.compile, bool): self.compile = "on" if self.compile else "off"  # `compile = true` in a TOML file
         if self.zero == 3 and self.strategy == "ddp": self.strategy = "fsdp"  # ZeRO-3 is FSDP
         if self.strategy == "fsdp" and self.zero == 0: self.zero = 3
-        if (self.strategy == "fsdp") != (self.zero == 3) or (self.strategy == "tp" and self.zero):
+        if (self.strategy == "fsdp") != (self.zero == 3) or (self.strategy in ("tp", "pp") and self.zero):
             raise ValueError(f"--zero {self.zero} does not go with --strategy {self.strategy}: ZeRO 1 and 2 shard a "
                              "data-parallel (ddp) run, and ZeRO 3 is fsdp")
+        for size, strategy in (("tp_size", "tp"), ("pp_size", "pp")):
+            if getattr(self, size) is not None and self.strategy != strategy:
+                raise ValueError(f"--{size.replace('_', '-')} sizes the groups of --strategy {strategy}, not {self.strategy}")
+        if self.micro_batches is not None and self.batch_size % self.micro_batches:
+            raise ValueError(f"--batch-size {self.batch_size} does not split into {self.micro_batches} micro-batches; "
+                             "choose --micro-batches that divides it")
         for f in dataclasses.fields(self):
             v, kind = getattr(self, f.name), f.metadata.get("type", type(f.default))
             if v is None and f.default is None: continue
@@ -260,6 +277,8 @@ def autocast(device: torch.device, precision: str):
     "bf16 autocast on `device` for `precision='bf16'`, else a no-op."
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
+def _on(batch, device) -> list[torch.Tensor]: return [t.contiguous().to(device) for t in batch]
+
 @torch.no_grad()
 def validate(model, sampler: WindowSampler, n_batches: int, device, precision: str = "fp32",
              accelerator=None, forward=None) -> float:
@@ -268,7 +287,9 @@ def validate(model, sampler: WindowSampler, n_batches: int, device, precision: s
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(n_batches):
-        with autocast(device, precision): total += calc_loss_batch(*sampler.batch(i), forward, device)
+        with autocast(device, precision):
+            if isinstance(model, Stage): total += pipeline_step(model, *_on(sampler.batch(i), device), train=False)
+            else: total += calc_loss_batch(*sampler.batch(i), forward, device)
     model.train()
     total /= n_batches
     return (accelerator.reduce(total, "mean") if accelerator is not None else total).item()
@@ -326,6 +347,18 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     for k in kinds: torch.nn.utils.clip_grads_with_norm_(k, max_norm, norm)
     return float(norm)
 
+def sync_gradients(model, optimizer):
+    "The gradient communication `backward()` did not do (DDP and FSDP do theirs inside it)."
+    if isinstance(optimizer, ZeroOptimizer): optimizer.reduce_gradients()  # ZeRO-1/2: a reduce-scatter or all-reduce
+    if isinstance(model, Stage): model.reduce_gradients()  # a pipeline: the tied matrix's two copies
+    if getattr(model, "dp_group", None) is not None: average_gradients(model, model.dp_group)  # tp or pp groups x data
+
+def clip_gradients(model, optimizer, max_norm: float) -> float:
+    "Clip the whole model's gradient norm to `max_norm`, wherever its pieces lie; returns the norm before clipping."
+    if isinstance(optimizer, ZeroOptimizer): return optimizer.clip_grad_norm(max_norm)  # slices across processes
+    if isinstance(model, Stage): return model.clip_grad_norm(max_norm)  # stages across processes
+    return clip_grad_norm(model.parameters(), max_norm)  # whole, or DTensor shards (fsdp, tp)
+
 def train_step(model, optimizer, task: Task, step: int, lr: float, precision: str = "fp32", grad_clip: float = 0.0,
                forward=None) -> tuple[torch.Tensor | None, float | None]:
     "One optimiser step at `step`; returns this process's share of the step's mean loss (None: no targets) and the gradient norm."
@@ -338,15 +371,15 @@ def train_step(model, optimizer, task: Task, step: int, lr: float, precision: st
     share = total / task.world  # DDP averages the processes' gradients, so each divides by its share of the total
     loss_sum = torch.zeros((), device=task.device)
     for micro, b in enumerate(batches):
+        if isinstance(model, Stage):  # a pipeline stage: the schedule runs the forward and backward of every micro-batch
+            with autocast(task.device, precision): loss_sum += pipeline_step(model, *_on(b, task.device), scale=share)
+            continue
         with grad_sync(model, sync=micro == len(batches) - 1):
             with autocast(task.device, precision): loss = task.loss(forward, b)
             (loss / share).backward()
         loss_sum += loss.detach()
-    if isinstance(optimizer, ZeroOptimizer): optimizer.reduce_gradients()  # ZeRO-1/2: the optimiser communicates
-    norm = None
-    if grad_clip > 0:
-        clip = optimizer.clip_grad_norm if isinstance(optimizer, ZeroOptimizer) else partial(clip_grad_norm, model.parameters())
-        norm = clip(grad_clip)
+    sync_gradients(model, optimizer)
+    norm = clip_gradients(model, optimizer, grad_clip) if grad_clip > 0 else None
     optimizer.step()
     return loss_sum / share, norm
 
@@ -442,9 +475,12 @@ def start_folder(out: Path, config: dict, acc, resume_step: int | None = None):
 def launch_run(cfg: LoopConfig, acc, model: torch.nn.Module, task: Task, record: dict, ckpt: Path | None,
                max_steps: int, rank: int = 0) -> Run:
     "Wrap `model` for the strategy, make its optimiser, restore `ckpt` if resuming, and write the run folder."
-    model = wrap_model(model, cfg.strategy, acc, cfg.zero)
+    if cfg.strategy == "pp" and acc.num_processes > 1 and not isinstance(task, Pretraining):
+        raise RunError("--strategy pp pipelines pretraining runs only; fine-tune with ddp, fsdp or --zero")
+    stages = cfg.pp_size or acc.num_processes
+    model = wrap_model(model, cfg.strategy, acc, cfg.zero, cfg.micro_batches or stages, cfg.pp_schedule, cfg.mp_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, zero=cfg.zero)
-    forward = torch.compile(model) if cfg.compile == "on" else model
+    forward = torch.compile(model) if cfg.compile == "on" and not isinstance(model, Stage) else model
     _seed_all(cfg.seed + 1 + rank)  # a different dropout stream per data-parallel rank
     run = Run(cfg, acc, task, model, optimizer, forward, max_steps, record)
     if ckpt is not None:
@@ -476,6 +512,29 @@ def initial_weights(cfg: TrainConfig) -> tuple[GPTModel, object]:
         model = fresh
     return model.train(), tokenizer
 
+def model_parallel(cfg: LoopConfig, mcfg: GPTConfig | None, world: int) -> int:
+    "Processes per tensor-parallel group or pipeline (1 for the data-parallel strategies); refuses what cannot work."
+    if cfg.strategy not in ("tp", "pp") or world == 1: return 1
+    mp = cfg.mp_size or world
+    what = "tensor-parallel group" if cfg.strategy == "tp" else "pipeline"
+    if world % mp: raise RunError(f"{world} processes do not make whole {what}s of {mp}; run a multiple of {mp} processes")
+    if mcfg is None: return mp
+    if cfg.strategy == "tp" and mcfg.n_heads % mp:
+        raise RunError(f"--strategy tp splits the {mcfg.n_heads} attention heads of {cfg.model} across {mp} processes; "
+                       f"choose a group size (--tp-size, or the number of processes) that divides {mcfg.n_heads}")
+    if cfg.strategy == "pp":
+        n_micro = cfg.micro_batches or mp
+        if mp > mcfg.n_layers:
+            raise RunError(f"--strategy pp cuts the {mcfg.n_layers} blocks of {cfg.model} into {mp} stages, one per process "
+                           f"of a pipeline; use at most {mcfg.n_layers} stages (--pp-size or processes)")
+        if cfg.batch_size % n_micro:
+            raise RunError(f"--batch-size {cfg.batch_size} does not split into {n_micro} pipeline micro-batches (one "
+                           "per stage unless --micro-batches says); choose a batch size they divide")
+        if cfg.pp_schedule == "1f1b" and n_micro < mp:
+            raise RunError(f"1F1B needs at least one micro-batch per stage: --micro-batches {n_micro} < {mp} stages; "
+                           "raise it or use --pp-schedule gpipe")
+    return mp
+
 def start_run(cfg: TrainConfig, acc) -> Run:
     "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
     cfg = settle_auto(cfg, acc.device)  # before the resume check: config.json holds the concrete choice
@@ -484,7 +543,7 @@ def start_run(cfg: TrainConfig, acc) -> Run:
         cfg = dataclasses.replace(cfg, tokenizer="char" if isinstance(init_tokenizer, CharTokenizer) else "gpt2")
     world, rank = acc.num_processes, acc.process_index
     if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
-    ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * (1 if cfg.strategy == "tp" else world))
+    ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * world // model_parallel(cfg, None, world))
     train_tokens, val_tokens, meta = _data(cfg, acc)
     if ckpt is not None:
         was = json.loads((ckpt / "meta.json").read_text())["data"]["sha256"]
@@ -497,10 +556,8 @@ def start_run(cfg: TrainConfig, acc) -> Run:
                        "text with its own characters; train a new model on this text instead")
     mcfg = init.cfg if init is not None else model_config(cfg, meta["vocab_size"])
     ctx = mcfg.context_length
-    if cfg.strategy == "tp" and world > 1 and mcfg.n_heads % world:
-        raise RunError(f"--strategy tp splits the {mcfg.n_heads} attention heads of {cfg.model} across processes; "
-                       f"run a number of processes that divides {mcfg.n_heads}, not {world}")
-    dp_world, dp_rank = (1, 0) if cfg.strategy == "tp" else (world, rank)  # tp: every process reads the same batch
+    mp = model_parallel(cfg, mcfg, world)
+    dp_world, dp_rank = world // mp, rank // mp  # tp, pp: the processes of a group read the same batch
     sampler = WindowSampler(train_tokens, ctx, cfg.batch_size, dp_world, dp_rank, cfg.grad_accum, cfg.seed, stream=0)
     if len(val_tokens) < ctx + 1:
         raise RunError(f"the validation split has {len(val_tokens)} tokens, fewer than one window of {ctx + 1}; "

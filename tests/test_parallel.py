@@ -137,3 +137,73 @@ def test_trainer_tp_matches_one_process_and_resumes_exactly(env, tmp_path):
     train(env, BASE + ["--strategy", "tp", "--out", str(res), "--resume"], nproc=2)
     assert losses(res) == a
     assert torch.equal(params(load_gpt2(res / "final")), tp)
+
+
+def test_trainer_pp_matches_one_process_and_resumes_exactly(env, tmp_path):
+    "The trainer's pipeline (1F1B, and GPipe with gradient accumulation) against one process; resumes; errors."
+    train(env, BASE + ["--out", str(tmp_path / "one")])
+    train(env, BASE + ["--strategy", "pp", "--out", str(tmp_path / "pp")], nproc=2)  # 2 stages, 2 micro-batches of 2
+    train(env, BASE + ["--strategy", "pp", "--pp-schedule", "gpipe", "--batch-size", "2", "--grad-accum", "2",
+                       "--micro-batches", "2", "--out", str(tmp_path / "gpipe")], nproc=2)
+    b, one = losses(tmp_path / "one"), params(load_gpt2(tmp_path / "one" / "final"))
+    for name in ("pp", "gpipe"):
+        a, pp = losses(tmp_path / name), params(load_gpt2(tmp_path / name / "final"))
+        print(f"{name} vs one process: loss {max(abs(a[s] - b[s]) for s in a):.1e}, params {(pp - one).abs().max():.1e}")
+        assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 1e-5
+        assert (pp - one).abs().max() < 1e-5
+    val = lambda name: [r["val_loss"] for r in read_metrics(tmp_path / name) if "val_loss" in r]
+    assert len(val("pp")) == 2 and max(abs(x - y) for x, y in zip(val("pp"), val("one"))) < 1e-5  # the same windows
+    summary = json.loads((tmp_path / "pp" / "run.json").read_text())
+    cfg = GPTConfig.from_preset("tiny", context_length=64)
+    n, ranks = summary["parameters"], summary["ranks"]
+    tied = cfg.vocab_size * cfg.emb_dim  # the first and the last stage each hold the tied embedding / head matrix
+    assert n == count_params(cfg) and sum(r["parameters"] for r in ranks) == n + tied
+    for r in ranks: assert r["gradients"] == r["parameters"] and r["optimizer_state"] == 2 * r["parameters"]
+    assert torch.equal(params(load_trained(tmp_path / "pp")), params(load_gpt2(tmp_path / "pp" / "final")))
+    # resume from step 3: as a pipeline (bit for bit), and in one process (the checkpoint holds the model's own names)
+    for name, extra, nproc in [("same", ["--strategy", "pp"], 2), ("one", [], 1)]:
+        res = tmp_path / f"resumed-{name}"
+        shutil.copytree(tmp_path / "pp", res)
+        for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
+            shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
+        (res / "checkpoints" / "latest").write_text("step_000003")
+        train(env, BASE + extra + ["--out", str(res), "--resume"], nproc=nproc)
+        a, c = losses(res), losses(tmp_path / "pp")
+        d = (params(load_gpt2(res / "final")) - params(load_gpt2(tmp_path / "pp" / "final"))).abs().max()
+        if name == "same": assert a == c and d == 0, (a, c, d)
+        else: assert max(abs(a[s] - c[s]) for s in a) < 1e-5 and d < 1e-5, (a, c, d)
+    # what cannot work says so
+    for extra, nproc, msg in [(["--n-layers", "1"], 2, "use at most 1 stages"),
+                              (["--micro-batches", "3"], 1, "does not split into 3 micro-batches"),
+                              (["--micro-batches", "1"], 2, "1F1B needs at least one micro-batch per stage")]:
+        p = subprocess.run(launch_command("llm_scratch.train", BASE + ["--strategy", "pp", "--out", str(tmp_path / "x")] + extra,
+                                          nproc, launcher="torchrun"), env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and msg in p.stderr, p.stderr[-2000:]
+
+
+def test_two_by_two_meshes_match_one_process_and_resume_exactly(env, tmp_path):
+    "4 processes as 2 data-parallel groups of 2: tensor parallel inside a group, and 2-stage pipelines; then a resume."
+    train(env, BASE + ["--out", str(tmp_path / "one")])
+    b, one = losses(tmp_path / "one"), params(load_gpt2(tmp_path / "one" / "final"))
+    for name, extra in [("tp", ["--strategy", "tp", "--tp-size", "2"]), ("pp", ["--strategy", "pp", "--pp-size", "2"])]:
+        out = tmp_path / name
+        train(env, BASE + extra + ["--batch-size", "2", "--out", str(out)], nproc=4)  # global batch 2 x 2 = 4
+        a, m = losses(out), params(load_gpt2(out / "final"))
+        print(f"2 x 2 {name} vs one process: loss {max(abs(a[s] - b[s]) for s in a):.1e}, params {(m - one).abs().max():.1e}")
+        assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 1e-5 and (m - one).abs().max() < 1e-5
+        ranks = json.loads((out / "run.json").read_text())["ranks"]
+        held = [r["parameters"] for r in ranks]
+        assert held[0] == held[2] and held[1] == held[3] and sum(held) > 2 * len(one)  # the replicas of each piece
+        assert sum(held) < 4 * len(one)  # each process holds a piece, not the whole model
+    res = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "pp", res)
+    for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
+        shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
+    (res / "checkpoints" / "latest").write_text("step_000003")
+    train(env, BASE + ["--strategy", "pp", "--pp-size", "2", "--batch-size", "2", "--out", str(res), "--resume"], nproc=4)
+    assert losses(res) == losses(tmp_path / "pp")
+    assert torch.equal(params(load_gpt2(res / "final")), params(load_gpt2(tmp_path / "pp" / "final")))
+    p = subprocess.run(launch_command("llm_scratch.train", BASE + ["--strategy", "tp", "--tp-size", "3", "--out",
+                                      str(tmp_path / "x")], 4, launcher="torchrun"), env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "4 processes do not make whole tensor-parallel groups of 3" in p.stderr
