@@ -122,7 +122,7 @@ nbtest: export
 
 # 3. the tests that notebooks cannot do well
 pytest: export
-	$(BIN)/python -m pytest tests -q -rs -m "not book"
+	$(BIN)/python -m pytest tests -q -rs -m "not book" --durations=25
 
 # 4. every notebook runs top to bottom, once: a clean HTML build with its execution cache cleared, so each notebook is
 #    executed afresh; a cell that raises fails it (allow_errors: false, Sphinx warnings as errors), and its traceback is

@@ -98,8 +98,9 @@ BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "-
         "--batch-size", "4", "--max-steps", "6", "--save-every", "3", "--precision", "fp32"]
 
 
-def train(env, args, nproc=1):
-    p = subprocess.run(launch_command("llm_scratch.train", args, nproc, launcher="torchrun"), env=env, capture_output=True, text=True, timeout=300)
+def train(env, args, nproc=1, launcher="torchrun"):
+    p = subprocess.run(launch_command("llm_scratch.train", args, nproc, launcher), env=env, capture_output=True, text=True,
+                       timeout=300)
     if p.returncode != 0: raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
 
 
@@ -187,7 +188,8 @@ def test_two_by_two_meshes_match_one_process_and_resume_exactly(env, tmp_path):
     b, one = losses(tmp_path / "one"), params(load_gpt2(tmp_path / "one" / "final"))
     for name, extra in [("tp", ["--strategy", "tp", "--tp-size", "2"]), ("pp", ["--strategy", "pp", "--pp-size", "2"])]:
         out = tmp_path / name
-        train(env, BASE + extra + ["--batch-size", "2", "--out", str(out)], nproc=4)  # global batch 2 x 2 = 4
+        train(env, BASE + extra + ["--batch-size", "2", "--out", str(out)], nproc=4,  # global batch 2 x 2 = 4
+              launcher="accelerate" if name == "pp" else "torchrun")  # both launchers
         a, m = losses(out), params(load_gpt2(out / "final"))
         print(f"2 x 2 {name} vs one process: loss {max(abs(a[s] - b[s]) for s in a):.1e}, params {(m - one).abs().max():.1e}")
         assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 1e-5 and (m - one).abs().max() < 1e-5

@@ -97,6 +97,26 @@ def test_sigkill_and_resume_give_the_same_losses_step_for_step(env, ddp_run, tmp
     assert torch.equal(params(load_gpt2(out / "final")), params(load_gpt2(ddp_run / "final")))
 
 
+@pytest.mark.parametrize("layout", [["--zero", "2"], ["--strategy", "pp"]], ids=["zero2", "pipeline"])
+def test_sigkill_and_resume_under_zero_and_a_pipeline(env, tmp_path, layout):
+    "`kill -9` of a ZeRO-2 run and of a 2-stage pipeline (dropout on), then --resume: the uninterrupted run's losses."
+    args = BASE + layout + ["--max-steps", "12", "--batch-size", "2", "--save-every", "4"]
+    run(env, args + ["--out", str(tmp_path / "straight")], nproc=2)
+    out = tmp_path / "run"
+    p = subprocess.Popen(command(args + ["--out", str(out)], 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 240
+    logged = lambda: len(read_metrics(out)) if (out / "metrics.jsonl").is_file() else 0
+    while not (latest.is_file() and logged() >= 6) and p.poll() is None and time.time() < deadline: time.sleep(0.01)
+    kill_tree(p)
+    p.wait()
+    assert latest.is_file() and not (out / "run.json").exists(), "the run finished before it could be killed"
+    print(f"killed after step {max(losses(out))}, checkpoint {latest.read_text()}")
+    run(env, args + ["--out", str(out), "--resume"], nproc=2)
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    assert torch.equal(params(load_gpt2(out / "final")), params(load_gpt2(tmp_path / "straight" / "final")))
+
+
 def test_kill_at_random_moments_and_resume_give_the_uninterrupted_run(env, ddp_run, tmp_path):
     "Fault injection: `kill -9` of both processes while training and while writing checkpoints, then resume."
     out = tmp_path / "run"
