@@ -101,9 +101,9 @@ class KVCache:
     @classmethod
     def for_model(cls, model: GPTModel, batch: int) -> KVCache:
         "An empty cache shaped for `model`'s layers and context."
-        p = next(model.parameters())
-        return cls(model.cfg.n_layers, batch, model.cfg.n_heads, model.cfg.context_length,
-                   model.cfg.head_dim, p.device, p.dtype)
+        p, cfg = next(model.parameters()), model.cfg
+        heads = getattr(cfg, "n_kv_heads", cfg.n_heads)  # fewer under grouped-query attention (chapter "Today's open models")
+        return cls(cfg.n_layers, batch, heads, cfg.context_length, cfg.head_dim, p.device, p.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Store `k`, `v` (batch, heads, T, head_dim) after the filled part; return the layer's keys and values so far."
