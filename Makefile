@@ -152,6 +152,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_small.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 200 --no-profile,)
 	$(BIN)/python bench/bench_parallel.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 20 --out /tmp/llm_scratch_parallel.json,)
+	$(BIN)/python bench/bench_arch.py $(if $(findstring --quick,$(BENCH_ARGS)),--seconds 20 --out /tmp/llm_scratch_arch.json,)
 
 clean:
 	rm -rf _book/_build _proc _docs

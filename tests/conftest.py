@@ -1,5 +1,6 @@
 """Shared pytest set-up: the offline data mirror and a throw-away cache for every test session."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,3 +60,14 @@ def launch_command(module: str, args, nproc: int = 1, launcher: str = "accelerat
                 "--main_process_port", str(free_port()), "-m", module, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port()), "-m", module, *args]
+
+
+def rewound_copy(run: Path, dest: Path, step: int) -> Path:
+    "A copy of the finished run folder `run` as it stood at checkpoint `step`: later checkpoints and final outputs gone."
+    shutil.copytree(run, dest)
+    for name in ("final", "run.json", "loss.png"):
+        (shutil.rmtree if (dest / name).is_dir() else Path.unlink)(dest / name)
+    for ck in (dest / "checkpoints").glob("step_*"):
+        if int(ck.name.removeprefix("step_")) > step: shutil.rmtree(ck)
+    (dest / "checkpoints" / "latest").write_text(f"step_{step:06d}")
+    return dest

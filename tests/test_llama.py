@@ -9,7 +9,7 @@ from transformers import (LlamaConfig as HFLlama, LlamaForCausalLM, MixtralConfi
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from llm_scratch.generate import generate
-from llm_scratch.llama import (LLAMA_PRESETS, LlamaModel, config_from_hf, llama_config, llama_params, load_balancing_loss,
+from llm_scratch.llama import (LLAMA_PRESETS, config_from_hf, llama_config, llama_params, load_balancing_loss,
                                load_llama, rope_frequencies, save_llama)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -3,7 +3,6 @@ ZeRO's arithmetic, tensor parallelism (forward, gradients, an AdamW step), the G
 `--strategy tp` against a one-process run, including an exact resume."""
 import json
 import os
-import shutil
 import subprocess
 import time
 
@@ -18,7 +17,7 @@ from llm_scratch.metrics import read_metrics
 from llm_scratch.distributed import bytes_per_rank
 from llm_scratch.checkpoint import load_trained
 
-from conftest import launch_command
+from conftest import launch_command, rewound_copy
 from llm_scratch.weights import load_gpt2
 
 
@@ -130,11 +129,7 @@ def test_trainer_tp_matches_one_process_and_resumes_exactly(env, tmp_path):
     assert summary["strategy"] == "tp" and [r["parameters"] for r in summary["ranks"]] == [n - split // 2] * 2
     assert torch.equal(params(load_trained(tmp_path / "tp")), tp)  # the checkpoint is an ordinary, whole one
     # resume from the step-3 checkpoint in the same layout: steps 4 to 6 come out identical
-    res = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "tp", res)
-    for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
-        shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
-    (res / "checkpoints" / "latest").write_text("step_000003")
+    res = rewound_copy(tmp_path / "tp", tmp_path / "resumed", 3)
     train(env, BASE + ["--strategy", "tp", "--out", str(res), "--resume"], nproc=2)
     assert losses(res) == a
     assert torch.equal(params(load_gpt2(res / "final")), tp)
@@ -163,11 +158,7 @@ def test_trainer_pp_matches_one_process_and_resumes_exactly(env, tmp_path):
     assert torch.equal(params(load_trained(tmp_path / "pp")), params(load_gpt2(tmp_path / "pp" / "final")))
     # resume from step 3: as a pipeline (bit for bit), and in one process (the checkpoint holds the model's own names)
     for name, extra, nproc in [("same", ["--strategy", "pp"], 2), ("one", [], 1)]:
-        res = tmp_path / f"resumed-{name}"
-        shutil.copytree(tmp_path / "pp", res)
-        for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
-            shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
-        (res / "checkpoints" / "latest").write_text("step_000003")
+        res = rewound_copy(tmp_path / "pp", tmp_path / f"resumed-{name}", 3)
         train(env, BASE + extra + ["--out", str(res), "--resume"], nproc=nproc)
         a, c = losses(res), losses(tmp_path / "pp")
         d = (params(load_gpt2(res / "final")) - params(load_gpt2(tmp_path / "pp" / "final"))).abs().max()
@@ -197,11 +188,7 @@ def test_two_by_two_meshes_match_one_process_and_resume_exactly(env, tmp_path):
         held = [r["parameters"] for r in ranks]
         assert held[0] == held[2] and held[1] == held[3] and sum(held) > 2 * len(one)  # the replicas of each piece
         assert sum(held) < 4 * len(one)  # each process holds a piece, not the whole model
-    res = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "pp", res)
-    for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
-        shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
-    (res / "checkpoints" / "latest").write_text("step_000003")
+    res = rewound_copy(tmp_path / "pp", tmp_path / "resumed", 3)
     train(env, BASE + ["--strategy", "pp", "--pp-size", "2", "--batch-size", "2", "--out", str(res), "--resume"], nproc=4)
     assert losses(res) == losses(tmp_path / "pp")
     assert torch.equal(params(load_gpt2(res / "final")), params(load_gpt2(tmp_path / "pp" / "final")))

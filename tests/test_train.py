@@ -16,7 +16,7 @@ from llm_scratch.metrics import read_metrics
 from llm_scratch.checkpoint import load_trained
 from llm_scratch.weights import load_gpt2
 
-from conftest import kill_tree, launch_command
+from conftest import kill_tree, launch_command, rewound_copy
 
 # the tiny preset with a short context: about 0.1-0.3 s a step on two shared cores
 BASE = ["--model", "tiny", "--data", "the-verdict", "--context-length", "64", "--lr", "1e-3", "--warmup", "5",
@@ -176,10 +176,7 @@ def test_fsdp_shards_and_matches_one_process(env, tmp_path):
     assert torch.equal(params(load_trained(tmp_path / "fsdp")), fsdp)
     # and resumes there: the step-5 checkpoint of 2 FSDP processes, on 1 process with 2 micro-steps of the same
     # windows (the same global batch); model and Adam state are resharded from the safetensors shards
-    res = tmp_path / "resharded"
-    shutil.copytree(tmp_path / "fsdp", res)
-    for p in ("final", "run.json", "loss.png", "checkpoints/step_000010"):
-        shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
+    res = rewound_copy(tmp_path / "fsdp", tmp_path / "resharded", 5)
     run(env, common + ["--batch-size", "2", "--grad-accum", "2", "--strategy", "fsdp", "--out", str(res), "--resume"])
     c = losses(res)
     assert sorted(c) == list(range(1, 11)) and max(abs(a[s] - c[s]) for s in range(6, 11)) < 1e-4
@@ -207,11 +204,7 @@ def test_zero_1_and_2_match_one_process_hold_their_slice_and_resume_exactly(env,
     # resume from step 3: in the same layout, and ZeRO-2's checkpoint of 2 processes in 1 process (ZeRO-1, 2 micro-steps)
     for name, extra, nproc in [("same", ["--batch-size", "2", "--zero", "2"], 2),
                                ("one", ["--batch-size", "2", "--grad-accum", "2", "--zero", "1"], 1)]:
-        res = tmp_path / f"resumed-{name}"
-        shutil.copytree(tmp_path / "zero2", res)
-        for p in ("final", "run.json", "loss.png", "checkpoints/step_000006"):
-            shutil.rmtree(res / p) if (res / p).is_dir() else (res / p).unlink()
-        (res / "checkpoints" / "latest").write_text("step_000003")
+        res = rewound_copy(tmp_path / "zero2", tmp_path / f"resumed-{name}", 3)
         run(env, common + extra + ["--out", str(res), "--resume"], nproc=nproc)
         a, b = losses(res), losses(tmp_path / "zero2")
         d = (params(load_gpt2(res / "final")) - params(load_gpt2(tmp_path / "zero2" / "final"))).abs().max()

@@ -164,7 +164,8 @@ def toc_parts(toc_path):
 def latex_parts(tex: str, parts) -> str:
     "LaTeX source with a `\\part` page before each part's first chapter; an unnumbered last part becomes the appendix."
     for i, (caption, title, numbered) in enumerate(parts):
-        at = tex.find(f"\\chapter{{{title}}}".replace("-", "\\sphinxhyphen{}"))  # as Sphinx writes a hyphen
+        at = tex.find(f"\\chapter{{{title}}}".replace("-", "\\sphinxhyphen{}").replace("'", "\u2019"))  # as Sphinx
+        # writes a hyphen and an apostrophe (a typographic one)
         if at < 0: continue  # a title LaTeX spells differently: leave the book flat there rather than guess
         appendix = not numbered and i == len(parts) - 1
         tex = tex[:at] + f"\\part{{{caption}}}\n" + ("\\appendix\n" if appendix else "") + tex[at:]
