@@ -99,11 +99,12 @@ class KVCache:
         self.max_len, self.pos = max_len, 0  # `pos` positions are filled
 
     @classmethod
-    def for_model(cls, model: GPTModel, batch: int) -> KVCache:
-        "An empty cache shaped for `model`'s layers and context."
+    def for_model(cls, model: GPTModel, batch: int, max_len: int | None = None) -> KVCache:
+        "An empty cache shaped for `model`'s layers, for `max_len` positions (at most, and by default, its context)."
         p, cfg = next(model.parameters()), model.cfg
         heads = getattr(cfg, "n_kv_heads", cfg.n_heads)  # fewer under grouped-query attention (chapter "Today's open models")
-        return cls(cfg.n_layers, batch, heads, cfg.context_length, cfg.head_dim, p.device, p.dtype)
+        n = cfg.context_length if max_len is None else min(max_len, cfg.context_length)
+        return cls(cfg.n_layers, batch, heads, n, cfg.head_dim, p.device, p.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Store `k`, `v` (batch, heads, T, head_dim) after the filled part; return the layer's keys and values so far."
@@ -125,10 +126,10 @@ def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache, last_
     return model(idx, cache=cache, last_only=last_only)  # the model's own forward: positions from cache.pos on
 
 # %% ../nbs/06_generate.ipynb #12737833
-def _cached_step(model, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-    "Logits for the last position, feeding the model only what the cache has not seen."
+def _cached_step(model, idx: torch.Tensor, cache: KVCache | None, capacity: int | None = None) -> tuple[torch.Tensor, KVCache]:
+    "Logits for the last position, feeding the model only what the cache has not seen (a first call makes the cache)."
     ctx = model.cfg.context_length
-    if cache is None: cache = KVCache.for_model(model, idx.shape[0])
+    if cache is None: cache = KVCache.for_model(model, idx.shape[0], capacity)
     if idx.shape[1] > ctx:  # the window slid: every position changed, rebuild from the cropped text
         cache.reset()
         new = idx[:, -ctx:]
@@ -144,7 +145,8 @@ def stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature:
     _check_decoding(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(idx, model.cfg.vocab_size)
     if generator is None and seed is not None: generator = torch.Generator(device=idx.device).manual_seed(seed)
-    step = _cached_step if use_cache else _uncached_step
+    capacity = idx.shape[1] + max_new_tokens  # the cache holds no more positions than the text will have
+    step = (lambda m, i, c: _cached_step(m, i, c, capacity)) if use_cache else _uncached_step
     was_training, state = model.training, None
     model.eval()
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)

@@ -181,3 +181,18 @@ def test_generate_names_the_argument_it_cannot_use(bad, msg):
     model = tiny(0, vocab_size=64)
     with pytest.raises(ValueError, match=msg):
         generate(model, **{"idx": torch.tensor([[1, 2]]), "max_new_tokens": 3, **bad})
+
+
+@pytest.mark.parametrize("prompt,new,held", [(5, 7, 12), (250, 20, 256)])
+def test_the_cache_holds_the_positions_the_text_will_have_and_no_more(monkeypatch, prompt, new, held):
+    "A long-context model must not allocate its whole context for a short generation (Llama 3.2 1B's is 131,072)."
+    sizes, init = [], KVCache.__init__
+    def spy(self, *a, **kw): init(self, *a, **kw); sizes.append(self.max_len)
+    monkeypatch.setattr(KVCache, "__init__", spy)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=64, context_length=256, drop_rate=0.0)).eval()
+    ids = torch.randint(0, 64, (1, prompt))
+    out = generate(model, ids, new)
+    assert sizes == [held]  # one cache, as long as prompt + new tokens (at most the context)
+    monkeypatch.setattr(KVCache, "__init__", init)
+    assert torch.equal(out, generate(model, ids, new, use_cache=False))
