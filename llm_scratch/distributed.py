@@ -269,6 +269,22 @@ class Stage(nn.Module):
         for block in self.blocks[self.start:self.stop]: x = block(x)
         return GPTModel.head(self, x) if self.last else x
 
+    def reduce_gradients(self):
+        "Add the gradients of the tied matrix's two copies, on the first and the last stage."
+        if self.tied is not None and (self.first or self.last) and self.tok_emb.weight.grad is not None:
+            dist.all_reduce(self.tok_emb.weight.grad, group=self.tied)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        "Clip the gradient norm of the whole model, whose parameters lie across the stages (the tied matrix counted once)."
+        params = [p for p in self.parameters() if p.grad is not None]
+        mine = [p for p in params if not (self.tied is not None and self.last and p is self.tok_emb.weight)]
+        sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+        for p in mine: sq += p.grad.double().pow(2).sum()
+        dist.all_reduce(sq, group=self.group)  # the stages' squares add up (every pipeline of a data-parallel run agrees)
+        norm = sq.sqrt().float()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
+
 def stage_flops(cfg: GPTConfig) -> tuple[list[float], float]:
     "Forward FLOPs per token of each block (matrix products and attention) and of the head; the embedding is a lookup."
     d, T = cfg.emb_dim, cfg.context_length
@@ -339,22 +355,6 @@ def pipeline_step(stage: Stage, x: torch.Tensor, y: torch.Tensor, scale: float =
     dist.broadcast(loss, group=stage.group, group_src=dist.get_world_size(stage.group) - 1)  # from the last stage
     return loss
 
-def _pipeline_reduce(stage: Stage):
-    "Add the gradients of the tied matrix's two copies, on the first and the last stage."
-    if stage.tied is not None and (stage.first or stage.last) and stage.tok_emb.weight.grad is not None:
-        dist.all_reduce(stage.tok_emb.weight.grad, group=stage.tied)
-
-def _pipeline_clip(stage: Stage, max_norm: float) -> float:
-    "Clip the gradient norm of the whole model, whose parameters lie across the stages (the tied matrix counted once)."
-    params = [p for p in stage.parameters() if p.grad is not None]
-    mine = [p for p in params if not (stage.tied is not None and stage.last and p is stage.tok_emb.weight)]
-    sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
-    for p in mine: sq += p.grad.double().pow(2).sum()
-    dist.all_reduce(sq, group=stage.group)  # the stages' squares add up (every pipeline of a data-parallel run agrees)
-    norm = sq.sqrt().float()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
-
 def average_gradients(model: nn.Module, group):
     "Average the gradients of `model` over the processes of `group`, in one all-reduce: data parallelism by hand."
     grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
@@ -363,8 +363,6 @@ def average_gradients(model: nn.Module, group):
     flat /= dist.get_world_size(group)
     off = 0
     for g in grads: g.copy_(flat[off:off + g.numel()].view_as(g)); off += g.numel()
-
-Stage.reduce_gradients, Stage.clip_grad_norm = _pipeline_reduce, _pipeline_clip
 
 # %% ../nbs/06c_distributed.ipynb #c60427a9
 def full_model(model: torch.nn.Module, build: GPTConfig | Callable[[], nn.Module], accelerator=None) -> nn.Module | None:
