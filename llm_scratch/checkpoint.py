@@ -28,7 +28,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .data import FetchError, sha256sum, write_atomic
-from .model import GPTConfig, GPTModel
+from .model import GPTModel
+from .weights import model_family
 from .pretrain import rng_state, set_rng_state
 from .tokens import RunError
 from .distributed import ZeroOptimizer, _local, any_failed
@@ -200,7 +201,8 @@ def load_trained(folder: str | os.PathLike) -> GPTModel:
         if found is None: raise RunError(f"{folder} has no intact checkpoint: " + ("; ".join(skipped) or "none saved"))
         folder, meta = found, json.loads((found / "meta.json").read_text())
     else: meta = check_checkpoint(folder)
-    model = GPTModel(GPTConfig(**meta["model_config"]))
+    family = model_family(meta.get("arch", "gpt2"))  # runs saved before other families existed are GPT-2's
+    model = family.model(family.config(**meta["model_config"]))
     sd = model.state_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

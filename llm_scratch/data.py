@@ -64,6 +64,11 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
         "instruction-data.json", f"{_GH}/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
         "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", size=203_524),),
         "1,100 instruction / input / output records in the Alpaca format"),
+    Dataset("instruction-data-with-preference", (RemoteFile(
+        "instruction-data-with-preference.json",
+        f"{_GH}/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e", size=386_968),),
+        "the same 1,100 records, each with a chosen and a rejected (less polite) answer, for preference tuning"),
     Dataset("gpt2-vocab", (
         RemoteFile("gpt2/encoder.json", f"{_OAI}/encoder.json",
                    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", size=1_042_301),

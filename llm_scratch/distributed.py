@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import warnings
 from types import SimpleNamespace
@@ -30,10 +31,11 @@ from .model import GPTConfig, GPTModel
 from .tokens import RunError
 
 # %% auto #0
-__all__ = ['TP_TESTED_TORCH', 'PIPELINE_SCHEDULES', 'bytes_per_rank', 'make_accelerator', 'wrap_model', 'reset_accelerate',
-           'core_model', 'grad_sync', 'sum_over_processes', 'any_failed', 'holdings', 'ZeroOptimizer',
-           'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel', 'Stage', 'stage_flops', 'balanced_cuts',
-           'split_stages', 'pipeline_parallel', 'pipeline_step', 'average_gradients', 'full_model', 'free_port']
+__all__ = ['TP_TESTED_TORCH', 'GPT_TP_PLAN', 'TP_STYLES', 'PIPELINE_SCHEDULES', 'bytes_per_rank', 'make_accelerator',
+           'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync', 'sum_over_processes', 'any_failed', 'holdings',
+           'ZeroOptimizer', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel', 'Stage', 'stage_flops',
+           'balanced_cuts', 'split_stages', 'pipeline_parallel', 'pipeline_step', 'average_gradients', 'full_model',
+           'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -236,38 +238,48 @@ class HeadwiseParallel(ColwiseParallel):
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):  # private too
         return outputs.to_local()  # [q | k | v] of this process's heads: the layout `split_heads` expects
 
+GPT_TP_PLAN = {"att.qkv": "headwise", "att.proj": "rowwise", "ff.fc": "colwise", "ff.proj": "rowwise"}
+TP_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "headwise": HeadwiseParallel}
+
 def tensor_parallel(model: GPTModel, mesh) -> GPTModel:
     "Split every block's attention heads and MLP across the processes of `mesh` (Megatron-style), in place."
-    n = mesh.size()
-    if model.cfg.n_heads % n:
+    n, cfg = mesh.size(), model.cfg
+    kv = getattr(cfg, "n_kv_heads", cfg.n_heads)  # grouped-query attention (chapter "Today's open models"): fewer k, v heads
+    if cfg.n_heads % n or kv % n:
         raise ValueError(f"tensor parallelism over {n} processes needs n_heads divisible by {n}, but the model has "
-                         f"{model.cfg.n_heads} heads; run a number of processes that divides {model.cfg.n_heads}")
-    plan = {"att.qkv": HeadwiseParallel(), "att.proj": RowwiseParallel(),
-            "ff.fc": ColwiseParallel(), "ff.proj": RowwiseParallel()}
+                         f"{cfg.n_heads} heads{f' ({kv} key/value heads)' if kv != cfg.n_heads else ''}; run a number "
+                         f"of processes that divides {math.gcd(cfg.n_heads, kv)}")
+    plan = {name: TP_STYLES[style]() for name, style in getattr(model, "tp_plan", GPT_TP_PLAN).items()}  # a family's own
     for block in model.blocks:
         parallelize_module(block, mesh, plan)
-        block.att.shard_heads(n)  # this process's heads
+        for m in block.modules():
+            if hasattr(m, "shard_heads"): m.shard_heads(n)  # the attention computes this process's heads
     return model
 
 # %% ../nbs/06c_distributed.ipynb #2ce44ee7
 class Stage(nn.Module):
-    "Blocks `start:stop` of a `GPTModel`, with the embeddings on the first stage and the head on the last, under the model's names."
+    "Blocks `start:stop` of a model, with the embeddings on the first stage and the head on the last, under the model's names."
+    HEAD = ("final_norm", "out_head")  # the modules after the blocks; those before them are the embedding
+
     def __init__(self, model: GPTModel, start: int, stop: int):
         super().__init__()
-        L, self.cfg = len(model.blocks), model.cfg
+        L, self.cfg, self.kind = len(model.blocks), model.cfg, type(model)
         self.start, self.stop, self.first, self.last = start, stop, start == 0, stop == L
-        if self.first: self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        if self.first:  # GPT-2: token and position tables and dropout; Llama: the token table
+            for name, m in model.named_children():
+                if name != "blocks" and name not in self.HEAD: self.add_module(name, m)
         elif self.last and model.cfg.tie_weights: self.tok_emb = model.tok_emb  # the head's matrix, under its first name
         self.blocks = nn.ModuleList([model.blocks[i] if start <= i < stop else nn.Identity() for i in range(L)])
         if self.last: self.final_norm, self.out_head = model.final_norm, model.out_head
+        for name, buf in model.named_buffers(recurse=False): self.register_buffer(name, buf, persistent=False)  # RoPE's
         self.runner = self.tied = self.group = None  # the schedule, the first-and-last group, the pipeline's group
         self.loss_scale = 1.0  # set by `pipeline_parallel` and `pipeline_step`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "Token ids (first stage) or activations in; activations or logits (last stage) out."
-        if self.first: x = GPTModel.embed(self, x)  # the model's own code, on this stage's modules
-        for block in self.blocks[self.start:self.stop]: x = block(x)
-        return GPTModel.head(self, x) if self.last else x
+        if self.first: x = self.kind.embed(self, x)  # the model's own code, on this stage's modules
+        x = self.kind.run_blocks(self, x, layers=range(self.start, self.stop))
+        return self.kind.head(self, x) if self.last else x
 
     def reduce_gradients(self):
         "Add the gradients of the tied matrix's two copies, on the first and the last stage."
@@ -287,8 +299,10 @@ class Stage(nn.Module):
 
 def stage_flops(cfg: GPTConfig) -> tuple[list[float], float]:
     "Forward FLOPs per token of each block (matrix products and attention) and of the head; the embedding is a lookup."
-    d, T = cfg.emb_dim, cfg.context_length
-    return [24 * d * d + 4 * T * d] * cfg.n_layers, 2 * d * cfg.vocab_size
+    d, T, width = cfg.emb_dim, cfg.context_length, cfg.n_heads * cfg.head_dim
+    kv = getattr(cfg, "n_kv_heads", cfg.n_heads) * cfg.head_dim  # Llama's grouped-query attention: narrower k and v
+    mlp = 3 * d * cfg.hidden_dim if hasattr(cfg, "hidden_dim") else 8 * d * d  # Llama's SwiGLU, or GPT-2's 4d MLP
+    return [2 * (d * (2 * width + 2 * kv) + mlp) + 4 * T * width] * cfg.n_layers, 2 * d * cfg.vocab_size
 
 def balanced_cuts(block_costs: list[float], head_cost: float, n_stages: int) -> list[int]:
     "Cut points 0 = c0 < c1 < ... < cn = L that give each stage at least one block and the cheapest costliest stage."

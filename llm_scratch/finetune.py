@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -33,13 +34,14 @@ from .hardware import MALLOC_TIP, tune_malloc
 from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
                                resume_point, settle_auto)
 from .generate import model_folder
-from .weights import GPT2_CHECKPOINTS, load_gpt2, save_tokenizer
+from .weights import GPT2_CHECKPOINTS, folder_family, load_gpt2, save_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_CHOICES', 'COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora', 'FinetuneConfig',
-           'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy', 'Classification',
-           'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss', 'instruct_val_loss',
-           'InstructionTuning', 'finetune_instructions', 'build_parser', 'parse_args', 'run', 'main']
+__all__ = ['TRAIN_CHOICES', 'COMMANDS', 'LATER_COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora',
+           'FinetuneConfig', 'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy',
+           'Classification', 'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss',
+           'instruct_val_loss', 'InstructionTuning', 'finetune_instructions', 'commands', 'build_parser', 'parse_args',
+           'run', 'main']
 
 # %% ../nbs/12_finetune.ipynb #bb306056
 def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
@@ -50,7 +52,11 @@ def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
         torch.manual_seed(0)  # the same initial weights in every process
         model = GPTModel(GPTConfig.from_preset(preset))
     elif init.startswith("gpt2") and init in PRESETS: model = load_gpt2(init)
-    elif Path(init).exists(): model = load_gpt2(model_folder(init))  # a model folder, or a run (its final/)
+    elif Path(init).exists():  # a model folder, or a run (its final/)
+        folder = model_folder(init)
+        if (family := folder_family(folder).name) != "gpt2":
+            raise RunError(f"--init {init!r} holds a {family} model; fine-tuning is written for GPT-2 models")
+        model = load_gpt2(folder)
     else: raise RunError(f"--init {init!r} is neither a GPT-2 checkpoint ({', '.join(p for p in PRESETS if 'gpt2' in p)}), "
                          "an existing folder (a model, or a run with final/), nor scratch:<preset>")
     if model.cfg.vocab_size != 50257:
@@ -341,19 +347,26 @@ def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     return results
 
 # %% ../nbs/12_finetune.ipynb #4e2a10b9
-COMMANDS = {"classify": (ClassifyConfig, "spam or ham, on the SMS Spam Collection"),
-            "instruct": (InstructConfig, "follow instructions, on the 1,100 Alpaca records")}
+COMMANDS = {"classify": (ClassifyConfig, "spam or ham, on the SMS Spam Collection", finetune_classifier),
+            "instruct": (InstructConfig, "follow instructions, on the 1,100 Alpaca records", finetune_instructions)}
+LATER_COMMANDS = ("llm_scratch.dpo",)  # modules of later chapters that add their command to COMMANDS
+
+def commands() -> dict:
+    "Every fine-tuning command: name -> (config class, what it teaches, the function that runs it)."
+    for module in LATER_COMMANDS: importlib.import_module(module)
+    return importlib.import_module("llm_scratch.finetune").COMMANDS  # the package's, also under `python -m` (__main__)
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     "The parser of `llm_scratch_finetune`, and its subcommands' parsers, each built from its config class."
     p = argparse.ArgumentParser(prog="llm_scratch_finetune", description="Fine-tune a GPT for spam "
-        "classification or to follow instructions, on one process or many under accelerate launch / torchrun.",
+        "classification, to follow instructions, or to prefer chosen answers (DPO), on one process or many under "
+        "accelerate launch / torchrun.",
         epilog="Example: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m "
         "llm_scratch.finetune classify --init scratch:tiny --epochs 1 --out runs/spam. " + MALLOC_TIP)
-    sub = p.add_subparsers(dest="task", required=True, metavar="{classify,instruct}")
+    sub = p.add_subparsers(dest="task", required=True, metavar="{" + ",".join(commands()) + "}")
     subs = {task: add_options(sub.add_parser(task, help=helptext, description=f"Fine-tune a GPT to {helptext}.",
                                              argument_default=argparse.SUPPRESS), cls)
-            for task, (cls, helptext) in COMMANDS.items()}
+            for task, (cls, helptext, _) in commands().items()}
     return p, subs
 
 def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
@@ -361,12 +374,12 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     p, subs = build_parser()
     given = vars(p.parse_args(argv))
     task = given.pop("task")
-    return config_from(subs[task], COMMANDS[task][0], given)
+    return config_from(subs[task], commands()[task][0], given)
 
 def run(cfg: FinetuneConfig) -> dict | None:
     "Run the fine-tuning `cfg` describes in this process (launch N copies for N processes)."
     acc = make_accelerator(cfg.report_to, cfg.out, cfg.strategy)
-    try: return (finetune_classifier if isinstance(cfg, ClassifyConfig) else finetune_instructions)(cfg, acc)
+    try: return commands()[cfg.COMMAND.split()[-1]][2](cfg, acc)  # "llm_scratch_finetune dpo" -> dpo's function
     finally:
         import torch.distributed as dist
         if dist.is_initialized(): dist.destroy_process_group()
@@ -381,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0: print(f"llm_scratch_finetune: error: {e}", file=sys.stderr)
         return 2
     if results is not None:
-        keep = ("train_accuracy", "val_accuracy", "test_accuracy", "val_loss", "scores", "trainable_parameters", "seconds")
+        keep = ("train_accuracy", "val_accuracy", "test_accuracy", "val_loss", "before", "after", "scores",
+                "trainable_parameters", "seconds")
         print(json.dumps({k: results[k] for k in keep if k in results}, indent=1))
     return 0
 

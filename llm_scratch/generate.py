@@ -20,7 +20,7 @@ from .data import FetchError
 from .hardware import decode_layout
 from .model import GPTModel
 from .text import EOT_ID, CharTokenizer, gpt2_tokenizer
-from .weights import GPT2_CHECKPOINTS, load_gpt2, load_tokenizer
+from .weights import GPT2_CHECKPOINTS, folder_family, load_gpt2, load_tokenizer
 
 # %% auto #0
 __all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_next', 'KVCache', 'forward_with_cache', 'stream',
@@ -185,7 +185,7 @@ def model_folder(source: str | os.PathLike) -> Path:
     if (path / "final" / "model.safetensors").is_file(): return path / "final"
     if path.is_dir() and (path / "checkpoints").is_dir():
         raise FileNotFoundError(f"{path} is a run without final/ (unfinished?): resume it with --resume to finish it")
-    raise FileNotFoundError(f"{source} is not a GPT-2 name ({', '.join(GPT2_CHECKPOINTS)}), a Hugging Face GPT-2 "
+    raise FileNotFoundError(f"{source} is not a GPT-2 name ({', '.join(GPT2_CHECKPOINTS)}), a Hugging Face model "
                             "folder (model.safetensors + config.json) or a run folder with final/")
 
 def load_for_generation(source: str, device: str = "cpu") -> tuple[GPTModel, object, str | None]:
@@ -195,7 +195,7 @@ def load_for_generation(source: str, device: str = "cpu") -> tuple[GPTModel, obj
     folder = model_folder(source)
     config = folder / "tokenizer_config.json"
     template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
-    return load_gpt2(folder, device=device), load_tokenizer(folder), template
+    return folder_family(folder).load(folder).to(device), load_tokenizer(folder), template
 
 def print_stream(model: GPTModel, tokenizer, prompt_ids: list[int], out=sys.stdout, **kw) -> str:
     "Generate after `prompt_ids`, writing the text to `out` as it comes; returns it (without an end-of-text token)."

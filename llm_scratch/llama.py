@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from .attention import attend, causal_mask
 from .data import write_atomic
+from .weights import Family, register_family
 
 # %% auto #0
-__all__ = ['LLAMA_PRESETS', 'LlamaConfig', 'RMSNorm', 'rope_frequencies', 'rope_angles', 'rotate_half', 'apply_rope',
+__all__ = ['LLAMA_PRESETS', 'LLAMA', 'LlamaConfig', 'RMSNorm', 'rope_frequencies', 'rope_angles', 'rotate_half', 'apply_rope',
            'rope_pairs_naive', 'SwiGLU', 'GroupedQueryAttention', 'gqa_by_hand', 'route', 'MoE', 'moe_by_hand',
            'load_balancing_loss', 'LlamaBlock', 'LlamaModel', 'llama_config', 'llama_params', 'config_from_hf',
            'config_to_hf', 'from_hf_names', 'to_hf_names', 'load_llama', 'save_llama']
@@ -48,8 +49,10 @@ class LlamaConfig:
     n_active: int = 2  # experts per token
     expert_dim: int | None = None  # each expert's inner width (None: hidden_dim)
     norm_topk: bool = True  # rescale the chosen experts' weights to sum to 1
+    router_aux_coef: float = 0.001  # weight of the load-balancing loss in the training loss (transformers' default)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, list): object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))  # from JSON
         for f in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -150,6 +153,10 @@ class GroupedQueryAttention(nn.Module):
         if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def shard_heads(self, world: int):
+        "Keep `1/world` of the query and of the key/value heads (tensor parallelism splits the projections by head)."
+        self.n_heads, self.n_kv = self.n_heads // world, self.n_kv // world
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
         "Attend over `x` (b, T, emb_dim) at the positions `cos`, `sin` describe; a `cache` adds earlier tokens."
         b, T, _ = x.shape
@@ -188,7 +195,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)  # the tokens that chose expert e, and in which place
-            if len(tok): out.index_add_(0, tok, expert(flat[tok]) * w[tok, slot, None].to(flat.dtype))
+            # (an expert no token chose still runs, on no rows: its gradient is zero, not missing, in every process)
+            out.index_add_(0, tok, expert(flat[tok]) * w[tok, slot, None].to(flat.dtype))
         return out.view_as(x)
 
 def moe_by_hand(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -232,22 +240,44 @@ class LlamaModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, std=0.02)
 
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        "The token vectors (b, T, emb_dim) of `idx`: no position table, RoPE turns queries and keys in every block instead."
+        return self.tok_emb(idx)
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, cache=None, layers=None) -> torch.Tensor:
+        "Blocks `layers` (default: all) on the activations `x` of tokens at positions `start`, `start + 1`, ..."
+        cos, sin = rope_angles(torch.arange(start, start + x.shape[1], device=x.device), self.inv_freq)
+        for i in range(len(self.blocks)) if layers is None else layers: x = self.blocks[i](x, cos, sin, cache, i)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        "Next-token logits from the last block's output `x`."
+        return self.out_head(self.final_norm(x))
+
     def forward(self, idx: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
         "Logits (b, T, vocab_size) for token ids `idx` (b, T); with a `cache`, they follow the tokens it holds."
         start = 0 if cache is None else cache.pos
         if start + idx.shape[1] > self.cfg.context_length:
             raise ValueError(f"{start + idx.shape[1]} tokens exceed the model's context_length {self.cfg.context_length}; "
                              f"keep the last {self.cfg.context_length}")
-        cos, sin = rope_angles(torch.arange(start, start + idx.shape[1], device=idx.device), self.inv_freq)
-        x = self.tok_emb(idx)
-        for i, block in enumerate(self.blocks): x = block(x, cos, sin, cache, i)
+        x = self.run_blocks(self.embed(idx), start, cache)
         if cache is not None: cache.pos += idx.shape[1]
-        return self.out_head(self.final_norm(x[:, -1:] if last_only else x))
+        return self.head(x[:, -1:] if last_only else x)
 
     def router_logits(self) -> torch.Tensor | None:
         "The router scores of every MoE block in the last forward pass, stacked (for `load_balancing_loss`)."
         found = [b.mlp.router_logits for b in self.blocks if isinstance(b.mlp, MoE)]
         return torch.cat(found) if found else None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        "What the training loss adds for the last forward pass: the experts' load-balancing loss, weighted (None: dense)."
+        logits = self.router_logits()
+        return None if logits is None else self.cfg.router_aux_coef * load_balancing_loss(logits, self.cfg.n_active)
+
+    # how tensor parallelism splits a block (chapter "Many processes"): whole heads, and the MLPs' inner width
+    tp_plan = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+               "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
+               "mlp.experts.*.gate_proj": "colwise", "mlp.experts.*.up_proj": "colwise", "mlp.experts.*.down_proj": "rowwise"}
 
 # %% ../nbs/13_llama.ipynb #4ce8e3e3
 LLAMA_PRESETS: dict[str, dict] = {
@@ -308,7 +338,7 @@ def config_from_hf(d: dict) -> LlamaConfig:
                        tie_weights=bool(d.get("tie_word_embeddings", False)), n_experts=experts,
                        n_active=d.get("num_experts_per_tok", 2) if experts else 2,
                        expert_dim=d.get("moe_intermediate_size") if experts else None,
-                       norm_topk=bool(d.get("norm_topk_prob", True)))
+                       norm_topk=bool(d.get("norm_topk_prob", True)), router_aux_coef=float(d.get("router_aux_loss_coef", 0.001)))
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
     "The Hugging Face `config.json` of `cfg`: Llama, Qwen3, Mixtral or Qwen3-MoE, whichever it is shaped like."
@@ -328,7 +358,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
          "rope_parameters": rope, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_weights,
          "attention_bias": False, "hidden_act": "silu", "torch_dtype": "float32"}
     if cfg.n_experts:
-        d.update(num_experts_per_tok=cfg.n_active, norm_topk_prob=cfg.norm_topk)
+        d.update(num_experts_per_tok=cfg.n_active, norm_topk_prob=cfg.norm_topk, router_aux_loss_coef=cfg.router_aux_coef)
         if kind == "mixtral": d["num_local_experts"] = cfg.n_experts
         else: d.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_dim or cfg.hidden_dim,
                        decoder_sparse_step=1, mlp_only_layers=[])
@@ -390,3 +420,7 @@ def save_llama(model: LlamaModel, folder: str | os.PathLike):
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "model.safetensors", lambda tmp: save_file(to_hf_names(model), str(tmp), {"format": "pt"}))
     write_atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config_to_hf(model.cfg), indent=1)))
+
+# %% ../nbs/13_llama.ipynb #55287fce
+LLAMA = register_family(Family("llama", LlamaConfig, LlamaModel, LLAMA_PRESETS, tuple(_HF_ARCH), load_llama, save_llama,
+                               lambda cfg: llama_params(cfg)["active"], default_preset="tiny-llama"))

@@ -17,10 +17,10 @@ from .model import GPTConfig, count_params
 __all__ = ['flops_per_token', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'json_line', 'append_metrics']
 
 # %% ../nbs/06b_metrics.ipynb #b409448b
-def flops_per_token(cfg: GPTConfig) -> float:
-    "Training FLOPs per token: 6 per parameter (position embeddings excluded) plus attention's 12 L T d."
-    n = count_params(cfg) - cfg.context_length * cfg.emb_dim
-    return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim
+def flops_per_token(cfg: GPTConfig, n_params: int | None = None) -> float:
+    "Training FLOPs per token: 6 per parameter a token uses (default: GPT-2's without the position table), plus attention's 12 L T d."
+    n = count_params(cfg) - cfg.context_length * cfg.emb_dim if n_params is None else n_params
+    return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.n_heads * cfg.head_dim
 
 # %% ../nbs/06b_metrics.ipynb #17912c41
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -156,6 +156,11 @@ class GPTModel(nn.Module):
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
 
+    def run_blocks(self, x: torch.Tensor, start: int = 0, cache=None, layers=None) -> torch.Tensor:
+        "Blocks `layers` (default: all; a pipeline stage runs its own) on the activations `x` of positions `start`, ..."
+        for i in range(len(self.blocks)) if layers is None else layers: x = self.blocks[i](x, cache=cache, layer=i)
+        return x
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         "Next-token logits (b, T, vocab_size) from the last block's output `x`."
         return self.out_head(self.final_norm(x))
@@ -170,11 +175,11 @@ class GPTModel(nn.Module):
                              f"or build a model with a longer context.")
         x = self.embed(idx, start)  # (b, T, emb_dim)
         attn = []
-        for i, block in enumerate(self.blocks):
-            if return_attn:
+        if not return_attn: x = self.run_blocks(x, start, cache)
+        else:
+            for i, block in enumerate(self.blocks):
                 x, w = block(x, return_attn=True, cache=cache, layer=i)
                 attn.append(w)
-            else: x = block(x, cache=cache, layer=i)
         if cache is not None: cache.pos += T
         logits = self.head(x[:, -1:] if last_only else x)
         return (logits, attn) if return_attn else logits

@@ -25,14 +25,14 @@ from torch.distributed.tensor import DTensor
 
 from .data import DATASETS, FetchError, env_flag, write_atomic
 from .tokens import RunError, WindowSampler, load_tokens, token_file
-from .model import PRESETS, GPTConfig, GPTModel, num_params
+from .model import num_params
 from .generate import load_for_generation
 from .text import CharTokenizer
-from .weights import CheckpointError
+from .weights import CheckpointError, family_names, family_of, model_family
 from .pretrain import calc_loss_batch, warmup_cosine
 from .hardware import MALLOC_TIP, bf16_native, peak_flops, tune_malloc
 from .metrics import append_metrics, flops_per_token, plot_metrics, read_metrics, truncate_metrics
-from .distributed import (PIPELINE_SCHEDULES, Stage, ZeroOptimizer, average_gradients, pipeline_step, _local, any_failed, full_model, grad_sync, holdings, make_accelerator,
+from .distributed import (PIPELINE_SCHEDULES, Stage, ZeroOptimizer, average_gradients, pipeline_step, _local, any_failed, core_model, full_model, grad_sync, holdings, make_accelerator,
                                      reset_accelerate, sum_over_processes, wrap_model)
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_state, usable_checkpoint
 
@@ -144,12 +144,18 @@ class LoopConfig:
                              f"pip install {TRACKERS[self.report_to][0]}")
 
 SHAPE_OPTIONS = {"n_layers": "n_layers", "n_heads": "n_heads", "emb_dim": "emb_dim", "context_length": "context_length",
-                 "dropout": "drop_rate", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights"}  # option: GPTConfig field
+                 "dropout": "drop_rate", "qkv_bias": ("qkv_bias", "attn_bias"), "tie_weights": "tie_weights",
+                 "n_kv_heads": "n_kv_heads", "hidden_dim": "hidden_dim", "n_experts": "n_experts", "n_active": "n_active",
+                 "qk_norm": "qk_norm", "rope_theta": "rope_theta",
+                 "router_aux_coef": "router_aux_coef"}  # option: the config field(s) it sets, per family
 
 @dataclass
 class TrainConfig(LoopConfig):
     "Everything a pretraining run needs to know; `python -m llm_scratch.train --help` lists the same."
-    model: str = _opt("tiny", "model preset; the shape options below change it", choices=list(PRESETS))
+    arch: str = _opt("gpt2", "model family: gpt2, or llama (RMSNorm, rotary positions, SwiGLU, grouped-query attention; "
+                     "a mixture of experts with --n-experts)", choices=family_names())
+    model: str | None = _opt(None, "the family's preset (default: tiny for gpt2, tiny-llama for llama); the shape options "
+                             "below change it", type=str)
     n_layers: int | None = _opt(None, "transformer blocks (default: the preset's)", type=int, min=1)
     n_heads: int | None = _opt(None, "attention heads per block, a divisor of the width (default: the preset's)",
                                type=int, min=1)
@@ -162,6 +168,16 @@ class TrainConfig(LoopConfig):
     qkv_bias: bool | None = _opt(None, "a bias in the query/key/value projection (default: the preset's)", type=bool)
     tie_weights: bool | None = _opt(None, "the output head shares the token embedding (default: the preset's)",
                                     type=bool)
+    n_kv_heads: int | None = _opt(None, "llama: key/value heads, a divisor of --n-heads (grouped-query attention)",
+                                  type=int, min=1)
+    hidden_dim: int | None = _opt(None, "llama: the inner width of SwiGLU (of each expert)", type=int, min=1)
+    n_experts: int | None = _opt(None, "llama: a mixture of this many experts in each block (0: one dense MLP)", type=int,
+                                 min=0)
+    n_active: int | None = _opt(None, "llama: experts per token", type=int, min=1)
+    qk_norm: bool | None = _opt(None, "llama: RMSNorm on each head's queries and keys (Qwen3)", type=bool)
+    rope_theta: float | None = _opt(None, "llama: the base of the rotary position angles", type=float)
+    router_aux_coef: float | None = _opt(None, "llama: the weight of the experts' load-balancing loss (default 0.001)",
+                                         type=float)
     init: str | None = _opt(None, "start from trained weights, not random ones: a GPT-2 name (gpt2-small, ...), a "
                             "Hugging Face GPT-2 folder or a run folder; its shape and tokenizer come with it", type=str)
     eval_batches: int = _opt(4, "validation batches per process", min=1)
@@ -173,6 +189,7 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.model is None: self.model = model_family(self.arch).default_preset
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -182,10 +199,19 @@ class TrainConfig(LoopConfig):
         except ValueError as e: raise ValueError(f"the model shape ({self.model} with the shape options): {e}") from None
 
 # %% ../nbs/07_train.ipynb #d59f8b04
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    "The `GPTConfig` of a run: the preset, with the tokenizer's vocabulary and the shape options given."
-    over = {field: getattr(cfg, opt) for opt, field in SHAPE_OPTIONS.items() if getattr(cfg, opt) is not None}
-    return GPTConfig.from_preset(cfg.model, vocab_size=vocab_size, **over)
+def model_config(cfg: TrainConfig, vocab_size: int):
+    "The model config of a run: its family's preset, with the tokenizer's vocabulary and the shape options given."
+    family = model_family(cfg.arch)
+    fields, over = {f.name for f in dataclasses.fields(family.config)}, {}
+    for opt, names in SHAPE_OPTIONS.items():
+        if getattr(cfg, opt) is None: continue
+        name = next((n for n in ([names] if isinstance(names, str) else names) if n in fields), None)
+        if name is None:
+            raise ValueError(f"--{opt.replace('_', '-')} is not an option of --arch {cfg.arch}; its options are "
+                             + ", ".join(f"--{o.replace('_', '-')}" for o, n in SHAPE_OPTIONS.items()
+                                         if {n} & fields or set(n) & fields))
+        over[name] = getattr(cfg, opt)
+    return family.make_config(cfg.model, vocab_size=vocab_size, **over)
 
 def settle_auto(cfg: LoopConfig, device: torch.device) -> LoopConfig:
     "`cfg` with its 'auto' choices made concrete for `device`: bf16 where it computes it natively, compiling on GPUs."
@@ -208,8 +234,8 @@ def add_options(p: argparse.ArgumentParser, cls: type = None) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     "The command-line parser of `llm_scratch_train`, one option per `TrainConfig` field."
     return add_options(argparse.ArgumentParser(
-        prog="llm_scratch_train", description="Train a GPT on one process, or on many under accelerate launch / "
-        "torchrun (DDP or FSDP).", epilog="Example: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+        prog="llm_scratch_train", description="Train a GPT-2 or a Llama-style model on one process, or on many under "
+        "accelerate launch / torchrun (DDP, ZeRO, FSDP, tensor or pipeline parallel).", epilog="Example: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
         "--num_processes 2 -m llm_scratch.train --model tiny --data the-verdict --max-steps 30. " + MALLOC_TIP,
         argument_default=argparse.SUPPRESS), TrainConfig)
 
@@ -330,7 +356,10 @@ class Pretraining(Task):
 
     def batch(self, step: int, micro: int): return self.sampler.batch(step, micro)
     def count(self, batch) -> int: return 1  # a micro-batch counts once: all hold as many tokens, so a mean of means is the mean
-    def loss(self, model, batch) -> torch.Tensor: return calc_loss_batch(*batch, model, self.device)
+    def loss(self, model, batch) -> torch.Tensor:
+        loss = calc_loss_batch(*batch, model, self.device)
+        aux = getattr(core_model(getattr(model, "_orig_mod", model)), "aux_loss", lambda: None)()  # experts' balance
+        return loss if aux is None else loss + aux
 
     def evaluate(self, model, forward=None) -> dict:
         if self.val is None: return {}
@@ -413,7 +442,8 @@ def check_out(out: Path, cfg: LoopConfig, global_batch: int | None = None) -> tu
         return None, []
     meta = json.loads((ckpt / "meta.json").read_text())
     saved = meta["config"]
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in cfg.RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    was = lambda k: saved.get(k, getattr(type(cfg), k, None))  # an option newer than the run: the run had its default
+    changed = [f"{k}: {was(k)!r} -> {getattr(cfg, k)!r}" for k in cfg.RESUME_KEYS if was(k) != getattr(cfg, k)]
     was = saved.get("zero", 3 if saved.get("strategy") == "fsdp" else 0)  # (runs saved before --zero existed)
     if (was in (1, 2)) != (cfg.zero in (1, 2)):  # per-parameter state (0, 3) or one flat vector per group (1, 2)
         changed.append(f"zero: {was} -> {cfg.zero}, which lays out the optimiser state differently")
@@ -502,26 +532,32 @@ def resume_point(cfg: LoopConfig, acc, global_batch: int) -> Path | None:
     acc.wait_for_everyone()  # every process has looked at the folder before process 0 changes it
     return ckpt
 
-def initial_weights(cfg: TrainConfig) -> tuple[GPTModel, object]:
-    "The model and tokenizer that `--init` names: a GPT-2 checkpoint, a Hugging Face GPT-2 folder or an earlier run."
+def initial_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, object]:
+    "The model and tokenizer that `--init` names: a GPT-2 checkpoint, a Hugging Face model folder or an earlier run."
     try: model, tokenizer, _ = load_for_generation(cfg.init)
     except (FileNotFoundError, CheckpointError) as e: raise RunError(f"--init {cfg.init}: {e}") from None
     if cfg.dropout is not None:  # the one shape option --init leaves open
-        fresh = GPTModel(model.cfg.replace(drop_rate=cfg.dropout))
+        if not hasattr(model.cfg, "drop_rate"): raise RunError(f"--init {cfg.init} has no dropout to set; drop --dropout")
+        fresh = type(model)(model.cfg.replace(drop_rate=cfg.dropout))
         fresh.load_state_dict(model.state_dict())
         model = fresh
     return model.train(), tokenizer
 
-def model_parallel(cfg: LoopConfig, mcfg: GPTConfig | None, world: int) -> int:
+def model_parallel(cfg: LoopConfig, mcfg, world: int) -> int:
     "Processes per tensor-parallel group or pipeline (1 for the data-parallel strategies); refuses what cannot work."
     if cfg.strategy not in ("tp", "pp") or world == 1: return 1
     mp = cfg.mp_size or world
     what = "tensor-parallel group" if cfg.strategy == "tp" else "pipeline"
     if world % mp: raise RunError(f"{world} processes do not make whole {what}s of {mp}; run a multiple of {mp} processes")
     if mcfg is None: return mp
-    if cfg.strategy == "tp" and mcfg.n_heads % mp:
-        raise RunError(f"--strategy tp splits the {mcfg.n_heads} attention heads of {cfg.model} across {mp} processes; "
-                       f"choose a group size (--tp-size, or the number of processes) that divides {mcfg.n_heads}")
+    kv = getattr(mcfg, "n_kv_heads", mcfg.n_heads)
+    if cfg.strategy == "tp" and (mcfg.n_heads % mp or kv % mp):
+        raise RunError(f"--strategy tp splits the {mcfg.n_heads} attention heads ({kv} key/value heads) of {cfg.model} "
+                       f"across {mp} processes; choose a group size (--tp-size, or the number of processes) that divides "
+                       f"{math.gcd(mcfg.n_heads, kv)}")
+    if cfg.strategy == "pp" and getattr(mcfg, "n_experts", 0):
+        raise RunError("--strategy pp computes only the last stage's cross-entropy, not the experts' load-balancing loss "
+                       "of every stage; train a mixture of experts with ddp, fsdp, --zero or tp")
     if cfg.strategy == "pp":
         n_micro = cfg.micro_batches or mp
         if mp > mcfg.n_layers:
@@ -539,8 +575,9 @@ def start_run(cfg: TrainConfig, acc) -> Run:
     "Data, model, optimiser and samplers of pretraining run `cfg` in this process; restored from a checkpoint on resume."
     cfg = settle_auto(cfg, acc.device)  # before the resume check: config.json holds the concrete choice
     init, init_tokenizer = initial_weights(cfg) if cfg.init else (None, None)
-    if init is not None:  # the checkpoint's tokenizer, whatever --tokenizer said
-        cfg = dataclasses.replace(cfg, tokenizer="char" if isinstance(init_tokenizer, CharTokenizer) else "gpt2")
+    if init is not None:  # the checkpoint's family and tokenizer, whatever --arch and --tokenizer said
+        cfg = dataclasses.replace(cfg, arch=family_of(init).name,
+                                  tokenizer="char" if isinstance(init_tokenizer, CharTokenizer) else "gpt2")
     world, rank = acc.num_processes, acc.process_index
     if acc.device.type == "cuda": torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32
     ckpt = resume_point(cfg, acc, cfg.batch_size * cfg.grad_accum * world // model_parallel(cfg, None, world))
@@ -563,10 +600,12 @@ def start_run(cfg: TrainConfig, acc) -> Run:
         raise RunError(f"the validation split has {len(val_tokens)} tokens, fewer than one window of {ctx + 1}; "
                        "raise --val-fraction, lower --context-length, or use a larger text")
     val = WindowSampler(val_tokens, ctx, cfg.batch_size, dp_world, dp_rank, 1, cfg.seed, stream=1, strict=False)
-    task = Pretraining(sampler, val, cfg.eval_batches, acc.device, cfg.precision, acc, flops_per_token(mcfg))
+    family = model_family(cfg.arch)
+    task = Pretraining(sampler, val, cfg.eval_batches, acc.device, cfg.precision, acc,
+                       flops_per_token(mcfg, family.active_params(mcfg)))
     _seed_all(cfg.seed)  # the same initial weights in every process
-    model = init if init is not None else GPTModel(mcfg)
-    record = {"model_config": dataclasses.asdict(mcfg), "parameters": num_params(model),
+    model = init if init is not None else family.model(mcfg)
+    record = {"arch": family.name, "model_config": dataclasses.asdict(mcfg), "parameters": num_params(model),
               "data": {k: meta[k] for k in ("sha256", "n_tokens", "tokenizer", "chars") if k in meta}}
     run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps, dp_rank)
     if acc.is_main_process:
@@ -600,10 +639,11 @@ def finish_run(run: Run, speeds: list[float]) -> dict | None:
     held = {"rank": acc.process_index, **holdings(run.model, run.optimizer)}
     from accelerate.utils import gather_object
     ranks = gather_object([held]) if world > 1 else [held]
-    final = full_model(run.model, GPTConfig(**run.record["model_config"]), acc)  # every process takes part
+    family = model_family(run.record["arch"])
+    final = full_model(run.model, lambda: family.model(family.config(**run.record["model_config"])), acc)  # all take part
     if not acc.is_main_process: return None
-    from llm_scratch.weights import save_gpt2, save_tokenizer
-    save_gpt2(final, out / "final")
+    from llm_scratch.weights import save_tokenizer
+    family.save(final, out / "final")
     data = run.record["data"]
     save_tokenizer(out / "final", data["tokenizer"], data.get("chars"), final.cfg.context_length)  # a complete HF folder
     rows = read_metrics(out)

@@ -5,6 +5,7 @@
 # %% ../nbs/04_weights.ipynb #e1cde79f
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -12,19 +13,21 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .data import (ChecksumError, FetchError, RemoteFile, cache_dir, env_flag, fetch, fetch_file, mirror_dir, sha256sum,
                    write_atomic)
-from .model import PRESETS, GPTConfig, GPTModel
+from .model import PRESETS, GPTConfig, GPTModel, count_params
 from .text import EOT_ID, CharTokenizer, gpt2_tokenizer
 
 # %% auto #0
-__all__ = ['GPT2_CHECKPOINTS', 'CHAR_TOKENIZER_FILE', 'hf_name', 'is_conv1d', 'CheckpointError', 'gpt_state_dict',
-           'hf_state_dict', 'config_from_hf', 'read_hf_config', 'config_to_hf', 'Checkpoint', 'fetch_checkpoint',
-           'load_gpt2', 'save_gpt2', 'save_tokenizer', 'load_tokenizer', 'pretrained_gpt2']
+__all__ = ['GPT2_CHECKPOINTS', 'CHAR_TOKENIZER_FILE', 'FAMILIES', 'LATER_FAMILIES', 'GPT2', 'hf_name', 'is_conv1d',
+           'CheckpointError', 'gpt_state_dict', 'hf_state_dict', 'config_from_hf', 'read_hf_config', 'config_to_hf',
+           'Checkpoint', 'fetch_checkpoint', 'load_gpt2', 'save_gpt2', 'save_tokenizer', 'load_tokenizer',
+           'pretrained_gpt2', 'Family', 'register_family', 'family_names', 'model_family', 'family_of', 'folder_family']
 
 # %% ../nbs/04_weights.ipynb #a5065c00
 _RENAMES = [("tok_emb.", "wte."), ("pos_emb.", "wpe."), ("final_norm.", "ln_f."), ("blocks.", "h."),
@@ -286,3 +289,56 @@ def pretrained_gpt2(name: str = "gpt2-small", **kwargs) -> GPTModel | None:
               f"access they download on first use; offline, put {GPT2_CHECKPOINTS[name].path} in the folder named by "
               "LLM_SCRATCH_DATA, or a Hugging Face checkpoint folder in $LLM_SCRATCH_GPT2/" + name)
         return None
+
+# %% ../nbs/04_weights.ipynb #2e2d5036
+@dataclass(frozen=True)
+class Family:
+    "A family of models the commands know: its config and model classes, presets, and its Hugging Face reader and writer."
+    name: str  # what `--arch` calls it
+    config: type  # the config dataclass: the model's shape
+    model: type  # the model class, built from a config
+    presets: dict  # preset name -> config fields
+    hf_types: tuple  # the `model_type`s of a Hugging Face config.json it reads
+    load: Callable  # a Hugging Face folder -> the model (eval mode, CPU)
+    save: Callable  # (model, folder): write a Hugging Face folder
+    active_params: Callable  # config -> the parameters one token's forward pass multiplies (position tables excluded)
+    default_preset: str = "tiny"  # the preset a run uses unless told
+
+    def make_config(self, preset: str, **changes):
+        "The config of `preset` with fields `changes`, checked like a new one."
+        if preset not in self.presets:
+            raise ValueError(f"{preset!r} is not a {self.name} preset; the presets are {', '.join(self.presets)}")
+        return self.config(**self.presets[preset]).replace(**changes)
+
+FAMILIES: dict[str, Family] = {}  # filled by the chapters that define a family
+LATER_FAMILIES = {"llama": "llm_scratch.llama"}  # families of later chapters, imported when first asked for
+
+def register_family(family: Family) -> Family:
+    "Make `family` known to the commands (`--arch`, reading Hugging Face folders and checkpoints)."
+    FAMILIES[family.name] = family
+    return family
+
+def family_names() -> list[str]: return list(dict.fromkeys([*FAMILIES, *LATER_FAMILIES]))
+
+def model_family(name: str) -> Family:
+    "The family `name` (importing the chapter that defines it if need be)."
+    if name not in FAMILIES and name in LATER_FAMILIES: importlib.import_module(LATER_FAMILIES[name])
+    if name not in FAMILIES: raise ValueError(f"unknown model family {name!r}; the families are {', '.join(family_names())}")
+    return FAMILIES[name]
+
+def family_of(model: torch.nn.Module) -> Family:
+    "The family of `model`."
+    for f in FAMILIES.values():
+        if isinstance(model, f.model): return f
+    raise ValueError(f"{type(model).__name__} belongs to no known family ({', '.join(FAMILIES)})")
+
+def folder_family(folder: str | os.PathLike) -> Family:
+    "The family that reads the Hugging Face folder `folder`, from its config.json's `model_type`."
+    model_type = read_hf_config(Path(folder) / "config.json").get("model_type", "gpt2")
+    for name in family_names():
+        if model_type in model_family(name).hf_types: return FAMILIES[name]
+    known = [t for n in family_names() for t in FAMILIES[n].hf_types]
+    raise CheckpointError(f"{folder} holds a {model_type!r} model; the families here read {', '.join(known)}")
+
+GPT2 = register_family(Family("gpt2", GPTConfig, GPTModel, PRESETS, ("gpt2",), load_gpt2, save_gpt2,
+                              lambda cfg: count_params(cfg) - cfg.context_length * cfg.emb_dim))

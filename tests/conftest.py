@@ -65,8 +65,8 @@ def launch_command(module: str, args, nproc: int = 1, launcher: str = "accelerat
 def rewound_copy(run: Path, dest: Path, step: int) -> Path:
     "A copy of the finished run folder `run` as it stood at checkpoint `step`: later checkpoints and final outputs gone."
     shutil.copytree(run, dest)
-    for name in ("final", "run.json", "loss.png"):
-        (shutil.rmtree if (dest / name).is_dir() else Path.unlink)(dest / name)
+    for name in ("final", "run.json", "results.json", "loss.png"):
+        if (dest / name).exists(): (shutil.rmtree if (dest / name).is_dir() else Path.unlink)(dest / name)
     for ck in (dest / "checkpoints").glob("step_*"):
         if int(ck.name.removeprefix("step_")) > step: shutil.rmtree(ck)
     (dest / "checkpoints" / "latest").write_text(f"step_{step:06d}")
