@@ -153,6 +153,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_small.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 200 --no-profile,)
 	$(BIN)/python bench/bench_parallel.py $(if $(findstring --quick,$(BENCH_ARGS)),--steps 20 --out /tmp/llm_scratch_parallel.json,)
 	$(BIN)/python bench/bench_arch.py $(if $(findstring --quick,$(BENCH_ARGS)),--seconds 20 --out /tmp/llm_scratch_arch.json,)
+	$(BIN)/python bench/bench_int8.py $(if $(findstring --quick,$(BENCH_ARGS)),--new 20 --repeats 2 --out /tmp/llm_scratch_int8.json,)
 
 clean:
 	rm -rf _book/_build _proc _docs

@@ -20,7 +20,7 @@ from .metrics import flops_per_token
 
 # %% auto #0
 __all__ = ['LEVERS', 'interleaved', 'matmul_flops', 'copy_bandwidth', 'train_flops', 'mfu', 'step_fn', 'NaiveLayerNorm',
-           'NaiveGELU', 'SplitQKV', 'variant']
+           'NaiveGELU', 'SplitQKV', 'variant', 'Int8Linear', 'quantize_int8']
 
 # %% ../nbs/90_performance.ipynb #b45ccc3e
 def interleaved(fns: dict[str, Callable[[], object]],  # name -> a function to time
@@ -147,3 +147,34 @@ def variant(model: GPTModel, without: str) -> GPTModel:
             b.ln1, b.ln2, b.ff.act = NaiveLayerNorm(b.ln1), NaiveLayerNorm(b.ln2), NaiveGELU()
     if without == "fused_ops": out.final_norm = NaiveLayerNorm(out.final_norm)
     return out
+
+# %% ../nbs/90_performance.ipynb #c1418a5a
+class Int8Linear(nn.Module):
+    "A `Linear` whose weight is stored as int8, one float scale per output row: a quarter of float32's bytes to read."
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # each row's largest |weight| becomes +-127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.out_features = linear.out_features
+
+    def dequantized(self) -> torch.Tensor:
+        "The float32 weight the int8 one stands for."
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # PyTorch's kernel: int8 weights, bf16 activations
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale.to(torch.bfloat16))  # scaled inside
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    "A copy of `model` with every `Linear` (the output head too) an `Int8Linear`; embeddings and norms stay as they are."
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(m))
+    return model.eval()
