@@ -202,14 +202,15 @@ class TrainConfig(LoopConfig):
 def model_config(cfg: TrainConfig, vocab_size: int):
     "The model config of a run: its family's preset, with the tokenizer's vocabulary and the shape options given."
     family = model_family(cfg.arch)
-    fields, over = {f.name for f in dataclasses.fields(family.config)}, {}
-    for opt, names in SHAPE_OPTIONS.items():
+    fields = {f.name for f in dataclasses.fields(family.config)}
+    field_of = {opt: next((n for n in ((names,) if isinstance(names, str) else names) if n in fields), None)
+                for opt, names in SHAPE_OPTIONS.items()}  # None: this family has no such field
+    over = {}
+    for opt, name in field_of.items():
         if getattr(cfg, opt) is None: continue
-        name = next((n for n in ([names] if isinstance(names, str) else names) if n in fields), None)
         if name is None:
             raise ValueError(f"--{opt.replace('_', '-')} is not an option of --arch {cfg.arch}; its options are "
-                             + ", ".join(f"--{o.replace('_', '-')}" for o, n in SHAPE_OPTIONS.items()
-                                         if {n} & fields or set(n) & fields))
+                             + ", ".join(f"--{o.replace('_', '-')}" for o, n in field_of.items() if n))
         over[name] = getattr(cfg, opt)
     return family.make_config(cfg.model, vocab_size=vocab_size, **over)
 
