@@ -206,13 +206,14 @@ class ClassifierLog:
 
 def train_classifier(model: nn.Module, train_loader, val_loader, optimizer, num_epochs: int,
                      eval_every: int = 50, eval_batches: int = 5, acc_batches: int | None = None,
-                     logits_fn: Callable = classification_logits, verbose: bool = True) -> ClassifierLog:
+                     logits_fn: Callable = classification_logits, verbose: bool = True, bf16: bool = False) -> ClassifierLog:
     "Train `model` on `train_loader` for `num_epochs`; measure losses every `eval_every` steps and accuracy every epoch."
     log, step, seen, start = ClassifierLog(), 0, 0, time.perf_counter()
+    bf16_products = lambda: torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=bf16)  # as `train_model`
     for epoch in range(num_epochs):
         model.train()
         for ids, lengths, targets in train_loader:
-            loss = classifier_loss(model, ids, lengths, targets, logits_fn)
+            with bf16_products(): loss = classifier_loss(model, ids, lengths, targets, logits_fn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -220,12 +221,14 @@ def train_classifier(model: nn.Module, train_loader, val_loader, optimizer, num_
             if step % eval_every == 0:
                 model.eval()
                 log.steps.append(step); log.examples_seen.append(seen)
-                log.train_losses.append(loader_loss(model, train_loader, eval_batches, logits_fn))
-                log.val_losses.append(loader_loss(model, val_loader, eval_batches, logits_fn))
+                with bf16_products():
+                    log.train_losses.append(loader_loss(model, train_loader, eval_batches, logits_fn))
+                    log.val_losses.append(loader_loss(model, val_loader, eval_batches, logits_fn))
                 model.train()
         model.eval()
-        log.train_accs.append(calc_accuracy(model, train_loader, acc_batches, logits_fn))
-        log.val_accs.append(calc_accuracy(model, val_loader, acc_batches, logits_fn))
+        with bf16_products():
+            log.train_accs.append(calc_accuracy(model, train_loader, acc_batches, logits_fn))
+            log.val_accs.append(calc_accuracy(model, val_loader, acc_batches, logits_fn))
         if verbose: print(f"epoch {epoch + 1}: train accuracy {log.train_accs[-1]:.1%}, "
                           f"validation accuracy {log.val_accs[-1]:.1%}")
     log.seconds = time.perf_counter() - start

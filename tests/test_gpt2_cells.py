@@ -1,7 +1,10 @@
 """The book's GPT-2 cells on both paths: where the weights cannot be reached they print one line and the notebook
 goes on; where they can (here a small checkpoint in the Hugging Face layout stands in for GPT-2, through
 $LLM_SCRATCH_GPT2), they run and show the model's output."""
+import ast
+import builtins
 import os
+import symtable
 import sys
 from pathlib import Path
 
@@ -45,24 +48,62 @@ def test_a_local_checkpoint_folder_is_used(stand_in, monkeypatch):
     with torch.no_grad(): assert torch.equal(loaded(x), model(x))
 
 
+def reads_and_defines(source: str) -> tuple[set[str], set[str]] | None:
+    "The global names a cell reads but does not define, and those it defines; None if it cannot tell (magics, star imports)."
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    try: table = symtable.symtable(code, "cell", "exec")
+    except SyntaxError: return None
+    if any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in ast.walk(ast.parse(code))): return None
+    defines = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    reads = {s.get_name() for s in table.get_symbols() if s.is_referenced()} - defines
+    def nested(t):  # functions and classes of the cell read globals when called
+        for child in t.get_children():
+            reads.update(s.get_name() for s in child.get_symbols() if s.is_referenced() and s.is_global())
+            nested(child)
+    nested(table)
+    return reads - set(dir(builtins)) - defines, defines
+
+
+def cells_for(cells: list, targets: set[int]) -> set[int]:
+    "The indices of the code cells the `targets` cells need: each earlier cell that defines a name a needed cell reads."
+    needed, wanted = set(targets), set()
+    for i in sorted(targets): wanted |= (reads_and_defines(cells[i].source) or (set(), set()))[0]
+    for i in range(max(targets) - 1, -1, -1):
+        if cells[i].cell_type != "code" or i in needed: continue
+        rd = reads_and_defines(cells[i].source)
+        if rd is None or rd[1] & wanted: needed.add(i); wanted |= rd[0] if rd else set()
+    return needed
+
+
+def test_cells_for_follows_the_names_a_cell_reads():
+    from types import SimpleNamespace as C
+    cells = [C(cell_type="code", source=s) for s in ("import torch\nfrom pathlib import Path", "slow = train()",
+             "x = torch.ones(2)", "def f(): return x + 1", "%matplotlib inline\ny = f()", "from fastcore.test import *",
+             "z = y * 2\nprint(z)")]
+    test = cells_for(cells, {6})
+    assert test == {0, 2, 3, 4, 5, 6}, test  # not the slow cell 1, which defines nothing cell 6 needs
+
+
 def run_notebook(name: str, env: dict) -> list[tuple[str, str]]:
-    "Run a chapter's notebook as the book build does (eval: false cells skipped); each GPT-2 cell's source and output."
+    "Run a chapter's GPT-2 cells, and the cells they need, as the book build does (eval: false cells skipped); each one's source and output."
     from execnb.nbio import read_nb
     from execnb.shell import CaptureShell
+    nb = read_nb(REPO / "nbs" / name)
+    is_gpt2 = lambda c: c.cell_type == "code" and "pretrained_gpt2(" in c.source and "#| export" not in c.source
+    runs = cells_for(nb.cells, {i for i, c in enumerate(nb.cells) if is_gpt2(c)})
+    skip = {id(c) for i, c in enumerate(nb.cells) if i not in runs or "#| eval: false" in c.source}
     old = dict(os.environ)
     os.environ.update(env)
     cwd, path = os.getcwd(), list(sys.path)
     try:
         os.chdir(REPO / "nbs")
         sys.path.insert(0, str(REPO / "nbs"))  # as a Jupyter kernel started there has it: `import diagrams` works
-        nb = read_nb(REPO / "nbs" / name)
-        CaptureShell().run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != "code" or "#| eval: false" in c.source)
+        CaptureShell().run_all(nb, exc_stop=True, preproc=lambda c: id(c) in skip)
     finally:
         os.chdir(cwd); os.environ.clear(); os.environ.update(old); sys.path[:] = path
-    cells = [c for c in nb.cells if c.cell_type == "code" and "pretrained_gpt2(" in c.source and "#| export" not in c.source]
     def text(c): return "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
                                 for o in c.get("outputs", []))
-    return [(c.source, text(c)) for c in cells]
+    return [(c.source, text(c)) for c in nb.cells if is_gpt2(c)]
 
 
 @pytest.mark.parametrize("name", ["04_weights.ipynb", "06_generate.ipynb", "10_instruct.ipynb"])  # 09, 11: as 04 and 06
