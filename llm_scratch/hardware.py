@@ -9,12 +9,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import statistics
+import time
 
 import torch
 
 # %% auto #0
-__all__ = ['MALLOC_TIP', 'GPU_PEAK_BF16', 'CPU_PEAK_PER_THREAD', 'TORCH_MIN', 'sdpa_pays', 'decode_layout', 'tune_malloc',
-           'malloc_tuned', 'peak_flops', 'bf16_native', 'require_torch']
+__all__ = ['MALLOC_TIP', 'GPU_PEAK_BF16', 'CPU_PEAK_PER_THREAD', 'TORCH_MIN', 'sdpa_pays', 'row_product', 'decode_layout',
+           'tune_malloc', 'malloc_tuned', 'peak_flops', 'bf16_native', 'require_torch']
 
 # %% ../nbs/00a_hardware.ipynb #756e0d56
 def sdpa_pays(q: torch.Tensor,  # queries (..., n_q, head_dim)
@@ -25,8 +27,25 @@ def sdpa_pays(q: torch.Tensor,  # queries (..., n_q, head_dim)
     return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * n_k <= 512 * 512)
 
 # %% ../nbs/00a_hardware.ipynb #fac61906
+_ROW_PRODUCTS: dict = {}  # (shape, dtype, device type) -> "mv" or "linear", measured once per process
+
+def row_product(weight: torch.Tensor, repeats: int = 5) -> str:
+    "Which kernel multiplies one row by `weight` (out, in) faster here, 'mv' or 'linear': timed once per shape and dtype."
+    key = (tuple(weight.shape), weight.dtype, weight.device.type)
+    if key not in _ROW_PRODUCTS:
+        x = torch.randn(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        ways = {"linear": lambda: torch.nn.functional.linear(x[None], weight), "mv": lambda: torch.mv(weight, x)}
+        times = {k: [] for k in ways}
+        with torch.no_grad():
+            for f in ways.values(): f()  # warm-up
+            for _ in range(repeats):  # taking turns, so that a busy moment slows both
+                for k, f in ways.items():
+                    t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+        _ROW_PRODUCTS[key] = min(times, key=lambda k: statistics.median(times[k]))
+    return _ROW_PRODUCTS[key]
+
 def _mv_forward(linear: torch.nn.Linear):
-    "`linear`'s forward, with a single row multiplied by `torch.mv`, whose bfloat16 CPU kernel reads weights faster."
+    "`linear`'s forward, with a single row multiplied by `torch.mv`."
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]: return torch.nn.functional.linear(x, linear.weight, linear.bias)  # several rows
         y = torch.mv(linear.weight, x.reshape(-1))
@@ -34,12 +53,16 @@ def _mv_forward(linear: torch.nn.Linear):
     return forward
 
 @contextlib.contextmanager
-def decode_layout(model: torch.nn.Module):
-    "Inside the block, one-token steps read a CPU model's weights faster: float32 stored (in, out), bfloat16 through `mv`."
+def decode_layout(model: torch.nn.Module,
+                  bf16_rows: str = "auto",  # one bfloat16 row through: "mv", "linear", or "auto" (the faster here)
+                 ):
+    "Inside the block, one-token steps read a CPU model's weights faster: float32 stored (in, out), bfloat16 by the faster kernel."
+    if bf16_rows not in ("auto", "mv", "linear"): raise ValueError(f"bf16_rows must be auto, mv or linear, got {bf16_rows!r}")
     plain = lambda p: p.dim() == 2 and p.device.type == "cpu" and p.is_contiguous() and type(p.data) is torch.Tensor
     mats = [p for p in model.parameters() if plain(p) and p.dtype == torch.float32]  # plain tensors: not a sharded DTensor
     rows = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and plain(m.weight)
-            and m.weight.dtype == torch.bfloat16 and "forward" not in vars(m)]
+            and m.weight.dtype == torch.bfloat16 and "forward" not in vars(m)
+            and (bf16_rows == "mv" or bf16_rows == "auto" and row_product(m.weight) == "mv")]
     with torch.no_grad():
         for p in mats: p.data = p.data.t().contiguous().t()  # the same (out, in) tensor, stored column by column
     for m in rows: m.forward = _mv_forward(m)  # this module only, until the block ends

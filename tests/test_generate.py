@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from llm_scratch.generate import (KVCache, forward_with_cache, generate, sample_next,
                                   top_k_filter, top_p_filter)
+from llm_scratch import hardware
 from llm_scratch.hardware import decode_layout
 from llm_scratch.model import GPTConfig, GPTModel
 
@@ -52,21 +53,34 @@ def test_decode_layout_keeps_the_tokens_and_restores_the_parameters(seed, kw):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_decoding_multiplies_one_row_with_mv_and_gives_the_same_step(seed):
-    "Inside decode_layout a bfloat16 model's linear layers use torch.mv for one row: a step's logits agree with the "
-    "usual kernel to bfloat16 rounding, several rows take the usual kernel, and the modules are as before afterwards."
+    "Inside decode_layout(bf16_rows='mv') a bfloat16 model's linear layers use torch.mv for one row: a step's logits agree "
+    "with the usual kernel to bfloat16 rounding, several rows take the usual kernel, and the modules are as before afterwards."
     half = tiny(seed).to(torch.bfloat16)
     prompt = torch.randint(0, half.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(seed))
     lins = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         step = torch.randint(0, half.cfg.vocab_size, (1, 1))
         want = half(step)
-        with decode_layout(half):
+        with decode_layout(half, bf16_rows="mv"):
             assert all("forward" in vars(m) for m in lins)
             got = half(step)
             several = half(prompt)
         assert torch.equal(several, half(prompt))  # more than one row: the usual kernel, bit for bit
     assert all("forward" not in vars(m) for m in lins)
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)  # bfloat16 sums in another order
+
+
+def test_bf16_rows_auto_uses_mv_exactly_where_it_was_measured_faster(monkeypatch):
+    half = tiny(0).to(torch.bfloat16)
+    lins = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
+    for choice in ("mv", "linear"):  # whatever this CPU measures, auto follows row_product
+        monkeypatch.setattr(hardware, "_ROW_PRODUCTS", {(tuple(m.weight.shape), torch.bfloat16, "cpu"): choice for m in lins})
+        with decode_layout(half): assert all(("forward" in vars(m)) == (choice == "mv") for m in lins), choice
+    monkeypatch.setattr(hardware, "_ROW_PRODUCTS", {})
+    assert hardware.row_product(lins[0].weight) in ("mv", "linear") and len(hardware._ROW_PRODUCTS) == 1  # measured once
+    with decode_layout(half, bf16_rows="linear"): assert not any("forward" in vars(m) for m in lins)
+    with pytest.raises(ValueError, match="bf16_rows must be"):
+        with decode_layout(half, bf16_rows="fast"): pass
 
 
 def test_cached_sampling_matches_uncached_with_the_same_seed():
