@@ -18,15 +18,14 @@ from torch.utils.data import Dataset
 
 from .data import fetch
 from .text import EOT_ID, gpt2_tokenizer
-from .model import GPTModel, num_params
-from .weights import save_gpt2, save_tokenizer
-from .instruct import (CHAT_TEMPLATE, INSTRUCTION_KEYS, collate_instructions, evaluate_responses, format_prompt,
+from .model import GPTModel
+from .weights import save_gpt2
+from .instruct import (INSTRUCTION_KEYS, collate_instructions, evaluate_responses, format_prompt,
                                   format_response, generate_responses, save_responses, split_records, validate_records)
-from .classify import trainable_params
-from .distributed import core_model, full_model, sum_over_processes
-from .train import LoopConfig, _opt, autocast, fit, launch_run, resume_point, settle_auto
-from .finetune import (COMMANDS, ExampleTask, FinetuneConfig, _finish, initial_model, select_trainable,
-                                  without_lora)
+from .distributed import sum_over_processes
+from .train import LoopConfig, _opt, autocast, resume_point, settle_auto
+from .finetune import (COMMANDS, ExampleTask, FinetuneConfig, _finish, gather_language_model, initial_model,
+                                  save_chat_model, select_trainable, tune)
 
 # %% auto #0
 __all__ = ['PREFERENCE_KEYS', 'load_preferences', 'dpo_loss', 'PreferenceDataset', 'collate_preferences', 'response_logprobs',
@@ -167,20 +166,11 @@ def finetune_dpo(cfg: DPOConfig, acc) -> dict | None:
     before = task.evaluate(reference)  # the policy starts as the reference
     torch.manual_seed(cfg.seed)  # any adapters: the same in every process, in any layout
     model = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, new_head=False)
-    record = {"records": [len(train), len(val), len(test)], "beta": cfg.beta}
-    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps or cfg.epochs * task.steps_per_epoch, task.rank)
-    t0 = time.perf_counter()
-    fit(run)
-    results = {"trainable_parameters": trainable_params(core_model(run.model)), "parameters": num_params(run.model),
-               "world_size": acc.num_processes, "steps": run.step, "seconds": time.perf_counter() - t0, **record,
-               "before": before, "after": task.evaluate(run.model)}
-    mcfg = core_model(run.model).cfg
-    final = full_model(run.model, lambda: select_trainable(GPTModel(mcfg), cfg.train, cfg.lora_rank, cfg.lora_alpha,
-                                                             new_head=False), acc)  # every process takes part
-    if not acc.is_main_process: return None
-    final = without_lora(final).eval()
-    save_gpt2(final, run.out / "final")
-    save_tokenizer(run.out / "final", "gpt2", context_length=final.cfg.context_length, chat_template=CHAT_TEMPLATE)
+    run, results = tune(cfg, acc, ckpt, model, task, {"records": [len(train), len(val), len(test)], "beta": cfg.beta})
+    results.update(before=before, after=task.evaluate(run.model))
+    final = gather_language_model(run, cfg, acc)
+    if final is None: return None
+    final = save_chat_model(final, run.out / "final")
     shown = test[:cfg.generate] if cfg.generate is not None else test
     if shown:
         answered = generate_responses(task.reference.cpu(), shown, tok, cfg.max_new_tokens, key="reference_response")

@@ -34,14 +34,14 @@ from .hardware import MALLOC_TIP, tune_malloc
 from .train import (LoopConfig, RunError, Task, _opt, add_options, autocast, config_from, fit, launch_run,
                                resume_point, settle_auto)
 from .generate import model_folder
-from .weights import GPT2_CHECKPOINTS, folder_family, load_gpt2, save_tokenizer
+from .weights import GPT2_CHECKPOINTS, folder_family, load_gpt2, save_gpt2, save_tokenizer
 
 # %% auto #0
 __all__ = ['TRAIN_CHOICES', 'COMMANDS', 'LATER_COMMANDS', 'initial_model', 'ExampleTask', 'select_trainable', 'without_lora',
            'FinetuneConfig', 'ClassifyConfig', 'InstructConfig', 'spam_splits', 'classify_loss', 'accuracy',
-           'Classification', 'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss',
-           'instruct_val_loss', 'InstructionTuning', 'finetune_instructions', 'commands', 'build_parser', 'parse_args',
-           'run', 'main']
+           'Classification', 'tune', 'finetune_classifier', 'save_classifier', 'load_classifier', 'instruct_loss',
+           'instruct_val_loss', 'InstructionTuning', 'gather_language_model', 'save_chat_model',
+           'finetune_instructions', 'commands', 'build_parser', 'parse_args', 'run', 'main']
 
 # %% ../nbs/12_finetune.ipynb #bb306056
 def initial_model(init: str, dropout: float = 0.0) -> GPTModel:
@@ -211,6 +211,15 @@ class Classification(ExampleTask):
         return dict(zip(("val_accuracy", "val_loss"), accuracy(model, self.val_ds, self.acc, precision=self.precision)))
 
 # %% ../nbs/12_finetune.ipynb #5e005673
+def tune(cfg: FinetuneConfig, acc, ckpt, model: torch.nn.Module, task: Task, record: dict) -> tuple:
+    "Train `model` (its trainable part chosen) on `task` with the trainer's loop; the run, and what every command reports."
+    n_train, n_total = trainable_params(model), num_params(model)
+    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps or cfg.epochs * task.steps_per_epoch, task.rank)
+    t0 = time.perf_counter()
+    fit(run)
+    return run, {"trainable_parameters": n_train, "parameters": n_total, "world_size": acc.num_processes,
+                 "steps": run.step, "seconds": time.perf_counter() - t0, **record}
+
 def _finish(run, results: dict, title: str):
     "Write the loss plot and results.json of a fine-tuning run (process 0)."
     plot_metrics(read_metrics(run.out), run.out / "loss.png", title)
@@ -225,13 +234,8 @@ def finetune_classifier(cfg: ClassifyConfig, acc) -> dict | None:
     task = Classification(train_ds, val_ds, cfg, acc)  # refuses too few examples, before anything is written
     torch.manual_seed(cfg.seed)  # the new weights (head, adapters): the same in every process, in any layout
     model = select_trainable(make_classifier(model, len(LABELS)), cfg.train, cfg.lora_rank, cfg.lora_alpha)
-    n_train, n_total = trainable_params(model), num_params(model)
     record = {"examples": [len(train_ds), len(val_ds), len(test_ds)], "max_length": train_ds.max_length}
-    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps or cfg.epochs * task.steps_per_epoch, task.rank)
-    t0 = time.perf_counter()
-    fit(run)
-    results = {"trainable_parameters": n_train, "parameters": n_total, "world_size": acc.num_processes,
-               "steps": run.step, "seconds": time.perf_counter() - t0, **record}
+    run, results = tune(cfg, acc, ckpt, model, task, record)
     for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
         results[f"{name}_accuracy"], results[f"{name}_loss"] = accuracy(run.model, ds, acc, precision=cfg.precision)
     mcfg = core_model(run.model).cfg
@@ -307,6 +311,20 @@ class InstructionTuning(ExampleTask):
     def evaluate(self, model, forward=None) -> dict:
         return {"val_loss": instruct_val_loss(model, self.val_ds, self.context_length, self.cfg, self.acc)}
 
+def gather_language_model(run, cfg: FinetuneConfig, acc) -> GPTModel | None:
+    "The tuned language model whole, adapters included, on process 0 (None elsewhere); every process must call it."
+    mcfg = core_model(run.model).cfg
+    build = lambda: select_trainable(GPTModel(mcfg), cfg.train, cfg.lora_rank, cfg.lora_alpha, new_head=False)
+    final = full_model(run.model, build, acc)
+    return final if acc.is_main_process else None
+
+def save_chat_model(model: GPTModel, folder: Path) -> GPTModel:
+    "Save `model`, its adapters merged, to `folder` with a tokenizer that holds the chat template; the merged model."
+    model = without_lora(model).eval()
+    save_gpt2(model, folder)
+    save_tokenizer(folder, "gpt2", context_length=model.cfg.context_length, chat_template=CHAT_TEMPLATE)
+    return model
+
 def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     "Instruction-tune (or resume tuning) a model as `cfg` says, in this process; returns the results on process 0."
     cfg = settle_auto(cfg, acc.device)  # auto: bf16 where the device computes it natively; compile on GPUs
@@ -319,26 +337,15 @@ def finetune_instructions(cfg: InstructConfig, acc) -> dict | None:
     task = InstructionTuning(InstructionDataset(train, tok), InstructionDataset(val, tok), ctx, cfg, acc)
     torch.manual_seed(cfg.seed)  # any adapters: the same in every process, in any layout
     model = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, new_head=False)
-    n_train, n_total = trainable_params(model), num_params(model)
-    record = {"records": [len(train), len(val), len(test)]}
-    run = launch_run(cfg, acc, model, task, record, ckpt, cfg.max_steps or cfg.epochs * task.steps_per_epoch, task.rank)
-    t0 = time.perf_counter()
-    fit(run)
-    results = {"trainable_parameters": n_train, "parameters": n_total, "world_size": acc.num_processes,
-               "steps": run.step, "seconds": time.perf_counter() - t0, **record,
-               "val_loss": task.evaluate(run.model)["val_loss"]}
-    mcfg = core_model(run.model).cfg
-    final = full_model(run.model, lambda: select_trainable(GPTModel(mcfg), cfg.train, cfg.lora_rank, cfg.lora_alpha,
-                                                             new_head=False), acc)  # every process takes part
-    if not acc.is_main_process: return None
+    run, results = tune(cfg, acc, ckpt, model, task, {"records": [len(train), len(val), len(test)]})
+    results["val_loss"] = task.evaluate(run.model)["val_loss"]
+    final = gather_language_model(run, cfg, acc)
+    if final is None: return None
     if cfg.train == "lora":  # the adapter alone too, in PEFT's layout, for the base model it was trained on
         base = (GPT2_CHECKPOINTS[cfg.init].repo if cfg.init in GPT2_CHECKPOINTS
                 else cfg.init if Path(cfg.init).exists() else None)  # its hub repository, or its folder
         save_peft(final, run.out / "adapter", base)
-    final = without_lora(final).eval()
-    from llm_scratch.weights import save_gpt2
-    save_gpt2(final, run.out / "final")
-    save_tokenizer(run.out / "final", "gpt2", context_length=final.cfg.context_length, chat_template=CHAT_TEMPLATE)
+    final = save_chat_model(final, run.out / "final")
     answered = generate_responses(final, test[:cfg.generate] if cfg.generate is not None else test, tok,
                                   max_new_tokens=cfg.max_new_tokens)
     save_responses(run.out / "test_responses.json", answered)
