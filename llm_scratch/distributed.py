@@ -32,10 +32,10 @@ from .tokens import RunError
 
 # %% auto #0
 __all__ = ['TP_TESTED_TORCH', 'GPT_TP_PLAN', 'TP_STYLES', 'PIPELINE_SCHEDULES', 'bytes_per_rank', 'make_accelerator',
-           'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync', 'sum_over_processes', 'any_failed', 'holdings',
-           'ZeroOptimizer', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel', 'Stage', 'stage_flops',
-           'balanced_cuts', 'split_stages', 'pipeline_parallel', 'pipeline_step', 'average_gradients', 'full_model',
-           'free_port']
+           'wrap_model', 'reset_accelerate', 'core_model', 'grad_sync', 'sum_over_processes', 'any_failed',
+           'clip_across', 'holdings', 'ZeroOptimizer', 'private_tp_apis', 'HeadwiseParallel', 'tensor_parallel',
+           'Stage', 'stage_flops', 'balanced_cuts', 'split_stages', 'pipeline_parallel', 'pipeline_step',
+           'average_gradients', 'full_model', 'free_port']
 
 # %% ../nbs/06c_distributed.ipynb #8be00759
 def bytes_per_rank(n_params: int, world_size: int, strategy: str = "ddp",
@@ -109,6 +109,16 @@ def any_failed(accelerator, failed: bool) -> bool:
     if accelerator is None or accelerator.num_processes == 1: return failed
     return accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), "sum").item() > 0
 
+def clip_across(own: list[torch.Tensor], grads: list[torch.Tensor], max_norm: float, group=None) -> float:
+    "Scale `grads` to a norm of at most `max_norm`: the norm of all processes' disjoint pieces `own`; returns it, unclipped."
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for g in own: sq += g.double().pow(2).sum()
+    if dist.is_initialized() and dist.get_world_size(group) > 1: dist.all_reduce(sq, group=group)  # their squares add up
+    norm = sq.sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+    for g in grads: g.mul_(coef.to(g.dtype))
+    return float(norm)
+
 def holdings(model: torch.nn.Module, optimizer) -> dict:
     "Elements of parameters, gradients and optimiser state this process holds, and a hash of its parameters."
     params = [_local(p.detach()) for p in model.parameters()]
@@ -177,12 +187,7 @@ class ZeroOptimizer:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         "Scale the (reduced) gradients so that their total norm is at most `max_norm`; returns the norm before clipping."
-        sq = sum(f.piece.grad.double().pow(2).sum() for f in self.flats)
-        if self.world > 1: dist.all_reduce(sq, group=self.group)  # the slices are disjoint: their squares add up
-        norm = sq.sqrt().float()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-        for f in self.flats: f.grads.mul_(coef.to(f.grads.dtype))
-        return float(norm)
+        return clip_across([f.piece.grad for f in self.flats], [f.grads for f in self.flats], max_norm, self.group)
 
     def step(self):
         "Update this process's slice, then all-gather the slices so that every process holds the whole model again."
@@ -288,14 +293,9 @@ class Stage(nn.Module):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         "Clip the gradient norm of the whole model, whose parameters lie across the stages (the tied matrix counted once)."
-        params = [p for p in self.parameters() if p.grad is not None]
-        mine = [p for p in params if not (self.tied is not None and self.last and p is self.tok_emb.weight)]
-        sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
-        for p in mine: sq += p.grad.double().pow(2).sum()
-        dist.all_reduce(sq, group=self.group)  # the stages' squares add up (every pipeline of a data-parallel run agrees)
-        norm = sq.sqrt().float()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        tied = self.tok_emb.weight.grad if self.tied is not None and self.last else None  # the first stage counts it
+        return clip_across([g for g in grads if g is not tied], grads, max_norm, self.group)  # every pipeline agrees
 
 def stage_flops(cfg: GPTConfig) -> tuple[list[float], float]:
     "Forward FLOPs per token of each block (matrix products and attention) and of the head; the embedding is a lookup."
