@@ -3,7 +3,7 @@
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 .venv/bin/python bench/bench_int8.py   # ~2 minutes
 
 One process, greedy decoding with the KV cache (`generate`), a 20-token prompt, --new tokens, median of --repeats
-after a warm-up. For each precision: tokens/s, the bytes of the weights one token reads (every matrix, the head
+after a warm-up, the three precisions taking turns (`perf.interleaved`). For each precision: tokens/s, the bytes of the weights one token reads (every matrix, the head
 included, norms and biases; the embedding tables are only indexed), the bound (copy bandwidth / those bytes, the
 bandwidth measured in the same run) and the fraction of it reached, and the share of new tokens equal to float32's.
 float32 and bfloat16 run inside `decode_layout` (appendix "The machine underneath"); int8 is `quantize_int8`
@@ -15,7 +15,7 @@ import argparse
 import json
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ from llm_scratch.data import write_atomic  # noqa: E402
 from llm_scratch.generate import generate  # noqa: E402
 from llm_scratch.hardware import decode_layout, tune_malloc  # noqa: E402
 from llm_scratch.model import GPTConfig, GPTModel, LayerNorm  # noqa: E402
-from llm_scratch.perf import Int8Linear, copy_bandwidth, quantize_int8  # noqa: E402
+from llm_scratch.perf import Int8Linear, copy_bandwidth, interleaved, quantize_int8  # noqa: E402
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:
@@ -55,18 +55,17 @@ def main(argv=None) -> int:
     models = {"fp32": fp32, "bf16": GPTModel(fp32.cfg).eval(), "int8": quantize_int8(fp32)}
     models["bf16"].load_state_dict(fp32.state_dict()); models["bf16"].to(torch.bfloat16)
     prompt = torch.randint(0, fp32.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    out = {}
+    def decode(name, n):
+        with decode_layout(models[name]): out[name] = generate(models[name], prompt, n)
+    for name in models: decode(name, 5)  # warm-up: the kernels, and row_product's choice for bf16
+    times = interleaved({name: partial(decode, name, a.new) for name in models}, repeats=a.repeats, warmup=0)
     rows, ref = [], None
     for name, m in models.items():
-        def decode(n):
-            with decode_layout(m): return generate(m, prompt, n)
-        decode(5)  # warm-up
-        times, out = [], None
-        for _ in range(a.repeats):
-            t0 = time.perf_counter(); out = decode(a.new); times.append(time.perf_counter() - t0)
-        new = out[0, 20:]
+        new = out[name][0, 20:]  # greedy: the same tokens in every timed run
         ref = new if ref is None else ref
-        tps, wb = a.new / statistics.median(times), bytes_per_token(m)
-        rows.append({"precision": name, "tokens_per_s": tps, "run_s": times, "weight_bytes": wb,
+        tps, wb = a.new / statistics.median(times[name]), bytes_per_token(m)
+        rows.append({"precision": name, "tokens_per_s": tps, "run_s": times[name], "weight_bytes": wb,
                      "bound_tokens_per_s": bandwidth / wb, "of_bound": tps / (bandwidth / wb),
                      "same_tokens_as_fp32": (new == ref).float().mean().item()})
         print(f"{name:5} {tps:7.1f} tok/s   {wb / 1e6:7.1f} MB per token   bound {bandwidth / wb:7.1f} tok/s   "
